@@ -1,0 +1,89 @@
+"""ComfyUI node for adaptive projected guidance (`guiders/apg.py`)."""
+
+from comfy_api.latest import io
+
+from ..guiders.apg import SIGMA_MAX, SIGMA_MIN, APGConfig, APGState, apg_cfg_uncond
+from .run_state import run_state
+
+NODE_ID = "AdaptiveProjectedGuidance"
+
+
+class APGHook:
+    """Pre-CFG hook: swaps the unconditional prediction for D_c − update, so the sampler's own CFG step at scale w
+    yields APG at w (D_c + (w − 1)·update) and any CFG function or post-CFG patch downstream still composes."""
+
+    def __init__(self, config: APGConfig):
+        self.config = config
+
+    def __call__(self, args: dict) -> list:
+        conds_out = args["conds_out"]
+        if len(conds_out) < 2 or args["conds"][1] is None:  # cfg = 1: ComfyUI skipped the unconditional pass
+            return conds_out
+        sigma = float(args["sigma"].max())
+        if not self.config.acts_at(sigma):
+            return conds_out
+        cond, uncond = conds_out[0], conds_out[1]
+        state = run_state(args["model_options"], self, lambda: APGState(self.config.momentum))
+        try:
+            guided_uncond = apg_cfg_uncond(cond, uncond, self.config, state, sigma)
+        except ValueError as e:
+            raise ValueError(
+                f"{NODE_ID}: {e} at sigma {sigma:.4g}. The model produced it before APG ran: run the model in "
+                "float32 (e.g. start ComfyUI with --force-fp32) or check the checkpoint and LoRAs."
+            ) from e
+        return [cond, guided_uncond, *conds_out[2:]]
+
+
+class AdaptiveProjectedGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        defaults = APGConfig()
+        return io.Schema(
+            node_id=NODE_ID,
+            display_name="Adaptive Projected Guidance (APG)",
+            category="sampling/guidance",
+            description=(
+                "APG (Sadat et al., ICLR 2025): CFG whose update is split into parts parallel and orthogonal to the "
+                "conditional prediction, with the parallel part (the cause of oversaturation) down-weighted, the "
+                "update's norm capped, and reverse momentum. Set the guidance scale on the sampler as usual; with "
+                "eta=1, norm_threshold=0 and momentum=0 this is exactly CFG at that scale."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (any family: UNet or DiT, eps, v or flow)."),
+                io.Float.Input(
+                    "eta", default=defaults.eta, min=0.0, max=1.0, step=0.01,
+                    tooltip="Weight of the update's part parallel to the conditional prediction, which mainly "
+                    "oversaturates. 0 (paper default) removes it; 1 keeps it as in CFG.",
+                ),
+                io.Float.Input(
+                    "norm_threshold", default=defaults.norm_threshold, min=0.0, max=100.0, step=0.1,
+                    tooltip="r: the guidance update is rescaled to at most this L2 norm per image. 0 disables. "
+                    "Paper value for SDXL latents: 15; lower values guide more gently.",
+                ),
+                io.Float.Input(
+                    "momentum", default=defaults.momentum, min=-1.0, max=1.0, step=0.01,
+                    tooltip="beta: running average of the update across steps. Negative (reverse momentum, paper "
+                    "default -0.5) pushes away from earlier update directions; 0 disables.",
+                ),
+                io.Float.Input(
+                    "sigma_start", default=defaults.sigma_start, min=SIGMA_MIN, max=SIGMA_MAX, step=0.01,
+                    tooltip="APG acts only while sigma_end <= sigma <= sigma_start; other steps use plain CFG. "
+                    "The default covers every schedule.",
+                ),
+                io.Float.Input(
+                    "sigma_end", default=defaults.sigma_end, min=SIGMA_MIN, max=SIGMA_MAX, step=0.01,
+                    tooltip="Lowest sigma at which APG acts (see sigma_start). 0 keeps it on to the last step.",
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with APG applied at the sampler's CFG step.")],
+        )
+
+    @classmethod
+    def execute(cls, model, eta, norm_threshold, momentum, sigma_start, sigma_end) -> io.NodeOutput:
+        try:
+            config = APGConfig(eta, norm_threshold, momentum, sigma_start, sigma_end)
+        except ValueError as e:
+            raise ValueError(f"{NODE_ID}: {e}; set sigma_start >= sigma_end.") from e
+        patched = model.clone()
+        patched.set_model_sampler_pre_cfg_function(APGHook(config))
+        return io.NodeOutput(patched)
