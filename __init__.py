@@ -6,6 +6,6 @@ happens only in `comfy_entrypoint`, so the algorithms can be imported and tested
 
 
 async def comfy_entrypoint():
-    from .nodes import GuidanceExtension
+    from .nodes.extension import GuidanceExtension
 
     return GuidanceExtension()

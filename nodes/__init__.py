@@ -1,13 +1,5 @@
-"""ComfyUI nodes of the pack: thin wrappers over `guiders/`."""
+"""ComfyUI nodes of the pack: thin wrappers over `guiders/`.
 
-from typing_extensions import override
-
-from comfy_api.latest import ComfyExtension, io
-
-from .apg import AdaptiveProjectedGuidance
-
-
-class GuidanceExtension(ComfyExtension):
-    @override
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [AdaptiveProjectedGuidance]
+Nothing is imported here, so that the ComfyUI-free parts (`*_patch.py`) can be used without ComfyUI's node API;
+the extension lives in `extension.py`.
+"""

@@ -2,36 +2,8 @@
 
 from comfy_api.latest import io
 
-from ..guiders.apg import SIGMA_MAX, SIGMA_MIN, APGConfig, APGState, apg_cfg_uncond
-from .run_state import run_state
-
-NODE_ID = "AdaptiveProjectedGuidance"
-
-
-class APGHook:
-    """Pre-CFG hook: swaps the unconditional prediction for D_c − update, so the sampler's own CFG step at scale w
-    yields APG at w (D_c + (w − 1)·update) and any CFG function or post-CFG patch downstream still composes."""
-
-    def __init__(self, config: APGConfig):
-        self.config = config
-
-    def __call__(self, args: dict) -> list:
-        conds_out = args["conds_out"]
-        if len(conds_out) < 2 or args["conds"][1] is None:  # cfg = 1: ComfyUI skipped the unconditional pass
-            return conds_out
-        sigma = float(args["sigma"].max())
-        if not self.config.acts_at(sigma):
-            return conds_out
-        cond, uncond = conds_out[0], conds_out[1]
-        state = run_state(args["model_options"], self, lambda: APGState(self.config.momentum))
-        try:
-            guided_uncond = apg_cfg_uncond(cond, uncond, self.config, state, sigma)
-        except ValueError as e:
-            raise ValueError(
-                f"{NODE_ID}: {e} at sigma {sigma:.4g}. The model produced it before APG ran: run the model in "
-                "float32 (e.g. start ComfyUI with --force-fp32) or check the checkpoint and LoRAs."
-            ) from e
-        return [cond, guided_uncond, *conds_out[2:]]
+from ..guiders.apg import SIGMA_MAX, SIGMA_MIN, APGConfig
+from .apg_patch import NODE_ID, apply_apg
 
 
 class AdaptiveProjectedGuidance(io.ComfyNode):
@@ -84,6 +56,4 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
             config = APGConfig(eta, norm_threshold, momentum, sigma_start, sigma_end)
         except ValueError as e:
             raise ValueError(f"{NODE_ID}: {e}; set sigma_start >= sigma_end.") from e
-        patched = model.clone()
-        patched.set_model_sampler_pre_cfg_function(APGHook(config))
-        return io.NodeOutput(patched)
+        return io.NodeOutput(apply_apg(model, config))

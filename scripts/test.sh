@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/setup_host.sh | grep -E '^(VENV|COMFYUI)=')"
 export GUIDANCE_COMFYUI="$COMFYUI"
-exec "$VENV/bin/python" -m pytest tests "$@"
+exec "$VENV/bin/python" -m pytest "$@"  # pyproject.toml points pytest at tests/

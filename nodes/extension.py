@@ -1,0 +1,14 @@
+"""The pack's ComfyUI extension: the list of its nodes."""
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apg import AdaptiveProjectedGuidance
+from .reference import EmptyReferenceLatent, ReferenceClassConditioning, ReferenceModelLoader
+
+
+class GuidanceExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [AdaptiveProjectedGuidance, ReferenceModelLoader, ReferenceClassConditioning, EmptyReferenceLatent]

@@ -1,0 +1,161 @@
+"""The shipped UI workflows load in the ComfyUI frontend: a consistent LiteGraph graph whose every node and widget
+value the running server accepts, equal to the shipped API workflow, with real-world settings for a CFG-vs-APG
+comparison. Widget values are checked against the server's /object_info, in the order the frontend assigns them."""
+
+import pytest
+from test_e2e_server import API_WORKFLOWS, APG, UI_WORKFLOWS, load
+
+# The frontend makes widgets of these input types (a list is a combo) and a socket of anything else.
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
+# What each shipped workflow must look like: checkpoint, image size, cfg.
+SHIPPED = {
+    "apg_sd15": ("v1-5-pruned-emaonly.safetensors", 512, 7.0),
+    "apg_sdxl": ("sd_xl_base_1.0.safetensors", 1024, 15.0),
+}
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get("/object_info")
+
+
+def test_every_ui_workflow_has_an_api_twin():
+    assert [p.stem for p in UI_WORKFLOWS] == sorted(SHIPPED)
+    assert [p.stem for p in API_WORKFLOWS] == [f"{name}_api" for name in sorted(SHIPPED)]
+
+
+def declared_inputs(node_def):
+    """[(name, type, options, is_widget)] of a node's inputs in the frontend's order (input_order: required, then
+    optional); a combo's type is COMBO with its choices under options["options"]."""
+    order = node_def.get("input_order") or {k: list(v) for k, v in node_def["input"].items()}
+    declared = []
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            kind, options = (node_def["input"][section][name] + [{}])[:2]
+            if isinstance(kind, list):
+                kind, options = "COMBO", {**options, "options": kind}
+            declared.append((name, kind, options, kind in WIDGET_TYPES and not options.get("forceInput")))
+    return declared
+
+
+def widget_inputs(node_def):
+    """[(name, type, options)] of the inputs the frontend shows as widgets, in order."""
+    return [(name, kind, options) for name, kind, options, is_widget in declared_inputs(node_def) if is_widget]
+
+
+def widget_values(node, node_def):
+    """{input name: value} from a node's widgets_values; a seed's control_after_generate value is checked and
+    skipped, as the frontend does."""
+    values = list(node["widgets_values"])
+    named = {}
+    for name, kind, options in widget_inputs(node_def):
+        named[name] = values.pop(0)
+        if options.get("control_after_generate"):
+            assert values.pop(0) in SEED_CONTROLS, f"node {node['id']} {name}: control_after_generate"
+    assert not values, f"node {node['id']} ({node['type']}) has widget values left over: {values}"
+    return named
+
+
+def check_value(where, value, kind, options):
+    """The checks /prompt applies to a widget value, plus the type the frontend widget holds."""
+    if kind == "COMBO":
+        assert value in options["options"], f"{where}: {value!r} not among {options['options']}"
+        return
+    expected = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}[kind]
+    assert isinstance(value, expected) and (kind == "BOOLEAN" or not isinstance(value, bool)), f"{where}: {value!r}"
+    if kind in ("INT", "FLOAT"):
+        assert options.get("min", value) <= value <= options.get("max", value), f"{where}: {value} out of range"
+
+
+def to_api(workflow, object_info):
+    """The API-format prompt the frontend would queue for a UI workflow (all nodes active, no virtual nodes)."""
+    prompt = {}
+    links = {link[0]: link for link in workflow["links"]}
+    for node in workflow["nodes"]:
+        node_def = object_info[node["type"]]
+        inputs = widget_values(node, node_def)
+        for socket in node["inputs"]:
+            if socket.get("link") is not None:
+                _, origin, slot, *_ = links[socket["link"]]
+                inputs[socket["name"]] = [str(origin), slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
+                                   "_meta": {"title": node.get("title", node_def["display_name"])}}
+    return prompt
+
+
+@pytest.fixture(params=UI_WORKFLOWS, ids=lambda p: p.stem)
+def workflow(request):
+    return request.param.stem, load(request.param)
+
+
+def test_widget_values_fit_the_server(workflow, object_info):
+    """Every node type exists and every widget value fits its input: type, min/max, combo options."""
+    name, graph = workflow
+    for node in graph["nodes"]:
+        assert node["type"] in object_info, f"{name}: unknown node type {node['type']}"
+        node_def = object_info[node["type"]]
+        values = widget_values(node, node_def)
+        for input_name, kind, options in widget_inputs(node_def):
+            check_value(f"{name} node {node['id']} {input_name}", values[input_name], kind, options)
+
+
+def test_graph_is_consistent(workflow, object_info):
+    """Links agree with both ends (ids, slots, types, names) and with /object_info; ids are unique and in range."""
+    name, graph = workflow
+    assert graph["version"] == 0.4 and isinstance(graph["groups"], list)
+    nodes = {node["id"]: node for node in graph["nodes"]}
+    assert len(nodes) == len(graph["nodes"]) and max(nodes) <= graph["last_node_id"]
+    links = {link[0]: link for link in graph["links"]}
+    assert len(links) == len(graph["links"]) and max(links) <= graph["last_link_id"]
+    for node in nodes.values():
+        assert len(node["pos"]) == 2 and len(node["size"]) == 2 and node["mode"] == 0
+        node_def = object_info[node["type"]]
+        sockets = [(input_name, kind) for input_name, kind, _, widget in declared_inputs(node_def) if not widget]
+        assert [(i["name"], i["type"]) for i in node["inputs"]] == sockets, f"{name}: node {node['id']} sockets"
+        assert [o["type"] for o in node["outputs"]] == node_def["output"]
+        for slot, output in enumerate(node["outputs"]):
+            for link_id in output["links"] or []:
+                assert links[link_id][1:3] == [node["id"], slot] and links[link_id][5] == output["type"]
+        for slot, socket in enumerate(node["inputs"]):
+            _, _, _, target, target_slot, kind = links[socket["link"]]
+            assert (target, target_slot, kind) == (node["id"], slot, socket["type"])
+    for link_id, origin, slot, target, target_slot, kind in graph["links"]:
+        assert link_id in nodes[origin]["outputs"][slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+    orders = sorted(node["order"] for node in nodes.values())
+    assert orders == list(range(len(nodes)))
+    for _, origin, _, target, _, _ in graph["links"]:
+        assert nodes[origin]["order"] < nodes[target]["order"], f"{name}: order runs against link {origin}->{target}"
+
+
+def test_ui_and_api_workflows_agree(workflow, object_info):
+    """The shipped API workflow is exactly what the frontend queues for the shipped UI workflow."""
+    name, graph = workflow
+    assert to_api(graph, object_info) == load(API_WORKFLOWS[0].parent / f"{name}_api.json")
+
+
+def test_real_world_settings(workflow):
+    """CFG vs APG on the same model, prompts, latent and sampler settings, at the family's native resolution."""
+    name, graph = workflow
+    ckpt, size, cfg = SHIPPED[name]
+    prompt = load(API_WORKFLOWS[0].parent / f"{name}_api.json")
+    by_type = {}
+    for node_id, node in prompt.items():
+        by_type.setdefault(node["class_type"], {})[node_id] = node["inputs"]
+    [loader] = by_type["CheckpointLoaderSimple"].values()
+    assert loader["ckpt_name"] == ckpt
+    [latent] = by_type["EmptyLatentImage"].values()
+    assert (latent["width"], latent["height"]) == (size, size)
+    [apg_id] = by_type[APG]
+    samplers = by_type["KSampler"]
+    assert len(samplers) == 2
+    plain, guided = sorted(samplers.values(), key=lambda s: s["model"][0] == apg_id)
+    assert guided["model"] == [apg_id, 0] and prompt[apg_id]["inputs"]["model"] == plain["model"]
+    shared = {k: v for k, v in plain.items() if k != "model"}
+    assert shared == {k: v for k, v in guided.items() if k != "model"}
+    assert shared["cfg"] == cfg and 20 <= shared["steps"] <= 30 and shared["denoise"] == 1.0
+    prefixes = sorted(n["filename_prefix"] for n in by_type["SaveImage"].values())
+    assert prefixes == [f"{name}/apg", f"{name}/cfg"]
+    # A seed that changes after each run would compare different noise from the second run on.
+    assert {n["widgets_values"][1] for n in graph["nodes"] if n["type"] == "KSampler"} == {"fixed"}
