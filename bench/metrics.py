@@ -82,3 +82,9 @@ def out_of_range_fraction(images: torch.Tensor) -> float:
     """Fraction of pixel values (every channel of every pixel) outside [-1, 1] before clamping: the part of the
     sample that a viewer clips, the pixel-space trace of over-saturation at high guidance."""
     return float((images.abs() > 1).double().mean())
+
+
+def overshoot(images: torch.Tensor) -> float:
+    """Mean of max(|x| − 1, 0) over all pixel values: how far past [-1, 1] the sample goes, on average, in model
+    units. Unlike the out-of-range fraction it is not filled up by the faint jitter of backgrounds that sit at −1."""
+    return float((images.double().abs() - 1).clamp(min=0).mean())

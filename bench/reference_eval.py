@@ -3,8 +3,9 @@
 Samples the class-conditional reference model (reference/model.py) through ComfyUI's own sampling path
 (`comfy.sample.sample`) with every guidance method at several guidance scales, the same initial noise and the same
 balanced classes for every method, and measures in the feature space of the evaluation classifier
-(reference/classifier.py): Fréchet distance to the real test split, k-NN precision and recall, class accuracy, colour
-saturation, the fraction of pixel values outside [-1, 1], model evaluations per image and wall time per image.
+(reference/classifier.py) Fréchet distance to the real test split, k-NN precision and recall and class accuracy; in
+pixels, colour saturation and chroma, the fraction of pixel values outside [-1, 1] and the mean overshoot past it;
+and the model evaluations and wall time per image. bench/metrics.py defines each metric.
 
     python bench/reference_eval.py --comfyui COMFYUI_DIR --data DATA_DIR --out OUT_DIR [--commit SHA]
         [--scales 1,1.5,2,3,4,6,8,12] [--per-class 100] [--steps 30] [--device cuda|cpu]
@@ -20,8 +21,13 @@ import json
 import pathlib
 import sys
 import time
+from typing import Any, NamedTuple
 
+import matplotlib
 import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,32 +38,41 @@ from reference.train import setup_comfyui, to_model_space  # noqa: E402
 
 GRID_SCALES = (1.0, 3.0, 8.0)
 GRID_UPSCALE = 4
-# (key, column header, format, what the reference line in the plot is)
+# (key, column header, format, whether real images have a value to compare with)
 COLUMNS = [
-    ("fd", "FD ↓", "{:.2f}", "real train subsample"),
-    ("precision", "precision ↑", "{:.3f}", "real train subsample"),
-    ("recall", "recall ↑", "{:.3f}", "real train subsample"),
-    ("class_accuracy", "class acc. ↑", "{:.3f}", "real train subsample"),
-    ("saturation", "saturation", "{:.4f}", "real train subsample"),
-    ("chroma", "chroma", "{:.4f}", "real train subsample"),
-    ("out_of_range", "out of [-1,1]", "{:.4f}", "real train subsample"),
-    ("nfe_per_image", "NFE/image", "{:.1f}", None),
-    ("ms_per_image", "ms/image", "{:.2f}", None),
+    ("fd", "FD ↓", "{:.2f}", True),
+    ("precision", "precision ↑", "{:.3f}", True),
+    ("recall", "recall ↑", "{:.3f}", True),
+    ("class_accuracy", "class acc. ↑", "{:.3f}", True),
+    ("saturation", "saturation", "{:.4f}", True),
+    ("chroma", "chroma", "{:.4f}", True),
+    ("out_of_range", "out of [-1,1]", "{:.4f}", True),
+    ("overshoot", "overshoot", "{:.4f}", True),
+    ("nfe_per_image", "NFE/image", "{:.1f}", False),
+    ("ms_per_image", "ms/image", "{:.2f}", False),
 ]
 
 
+class Setup(NamedTuple):
+    """How a method samples at one guidance scale: the (patched) ModelPatcher, ComfyUI's `cfg` for it, and, for a
+    method that is a sampler (CFG++), the ComfyUI SAMPLER object that replaces --sampler."""
+
+    model: Any
+    cfg: float
+    sampler: Any = None
+
+
 def guidance_methods() -> dict:
-    """Method name → function giving the patched ModelPatcher. A new method is one line here; the sampler applies
-    each at the guidance scale passed as ComfyUI's `cfg`."""
+    """Method name → function (ModelPatcher, guidance scale w) → Setup. A new method is one line here."""
     import_pack()
     from comfyui_guidance.guiders.apg import APGConfig
     from comfyui_guidance.nodes.apg_patch import apply_apg
 
+    edm2 = APGConfig(eta=0.0, norm_threshold=2.5, momentum=-0.75)  # the paper's EDM2 ablation values
     return {
-        "cfg": lambda model: model,
-        "apg": lambda model: apply_apg(model, APGConfig()),  # the node's defaults: η = 0, r = 15, β = −0.5
-        # the paper's EDM2 ablation values (pixel-scale norms, closer to this model's than SDXL latents' r = 15)
-        "apg_r2.5": lambda model: apply_apg(model, APGConfig(eta=0.0, norm_threshold=2.5, momentum=-0.75)),
+        "cfg": lambda model, w: Setup(model, w),
+        "apg": lambda model, w: Setup(apply_apg(model, APGConfig()), w),  # the node's defaults: η 0, r 15, β −0.5
+        "apg_r2.5": lambda model, w: Setup(apply_apg(model, edm2), w),
     }
 
 
@@ -86,6 +101,9 @@ def parse_args():
 def file_record(path: str) -> dict:
     """Path, SHA-256 and safetensors metadata of a weights file, so a result names the weights that made it."""
     from safetensors import safe_open
+
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist: make it with reference/train.py or pass its path")
 
     with safe_open(path, "pt") as f:
         metadata = f.metadata() or {}
@@ -169,6 +187,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, classifier, real: RealR
         "saturation": metrics.hsv_saturation(images),
         "chroma": metrics.chroma(images),
         "out_of_range": metrics.out_of_range_fraction(images),
+        "overshoot": metrics.overshoot(images),
     }
 
 
@@ -188,6 +207,7 @@ def real_reference_metrics(classifier, real: RealReference, data_folder, per_cla
             "saturation": metrics.hsv_saturation(real.images),
             "chroma": metrics.chroma(real.images),
             "out_of_range": metrics.out_of_range_fraction(real.images),
+            "overshoot": metrics.overshoot(real.images),
         },
     }
 
@@ -208,12 +228,12 @@ class RowCounter:
         return apply_model(args["input"], args["timestep"], **args["c"])
 
 
-def with_counter(model):
-    """(clone of the ModelPatcher with a RowCounter as its UNet function wrapper, the counter)."""
-    counter = RowCounter(model.model_options.get("model_function_wrapper"))
-    counted = model.clone()
+def with_counter(setup: Setup) -> tuple[Setup, RowCounter]:
+    """(the setup with a clone of its ModelPatcher that has a RowCounter as UNet function wrapper, the counter)."""
+    counter = RowCounter(setup.model.model_options.get("model_function_wrapper"))
+    counted = setup.model.clone()
     counted.set_model_unet_function_wrapper(counter)
-    return counted, counter
+    return setup._replace(model=counted), counter
 
 
 def synchronize(device: torch.device):
@@ -221,17 +241,33 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize()
 
 
-def sample(model, tokens, labels, noise, scale, args, steps=None):
+def sampling_call(setup: Setup, steps: int, args):
+    """ComfyUI's sampling entry point for a setup, as f(noise, positive, negative, seed): `comfy.sample.sample` with
+    --sampler by name (what the KSampler node calls) or, for a method that brings its own SAMPLER,
+    `comfy.sample.sample_custom` on the sigmas of --scheduler (what the SamplerCustom node calls)."""
+    import comfy.sample
+    import comfy.samplers
+
+    if setup.sampler is None:
+        return lambda noise, positive, negative, seed: comfy.sample.sample(
+            setup.model, noise, steps, setup.cfg, args.sampler, args.scheduler, positive, negative,
+            torch.zeros_like(noise), seed=seed, disable_pbar=True)
+    sigmas = comfy.samplers.calculate_sigmas(setup.model.get_model_object("model_sampling"), args.scheduler, steps)
+    return lambda noise, positive, negative, seed: comfy.sample.sample_custom(
+        setup.model, noise, setup.cfg, setup.sampler, sigmas, positive, negative, torch.zeros_like(noise), seed=seed,
+        disable_pbar=True)
+
+
+def sample(setup: Setup, tokens, labels, noise, args, steps=None):
     """(images [N, 3, H, W] unclamped, seconds) from ComfyUI's sampling path, in batches of --batch images.
 
     Image i starts from noise[i] and is conditioned on class labels[i] (a conditioning tensor with one row per image);
     the negative is the empty class. Each batch passes its own seed to the sampler, for samplers that add noise.
     """
-    import comfy.sample
-
     from reference.model import class_conditioning
 
     device = torch.device(args.device)
+    run = sampling_call(setup, steps or args.steps, args)
     negative = class_conditioning(tokens, None)
     images, seconds = [], 0.0
     for start in range(0, len(labels), args.batch):
@@ -240,21 +276,19 @@ def sample(model, tokens, labels, noise, scale, args, steps=None):
         batch_noise = noise[start : start + len(batch_labels)]
         synchronize(device)
         began = time.perf_counter()
-        images.append(comfy.sample.sample(
-            model, batch_noise, steps or args.steps, scale, args.sampler, args.scheduler, positive, negative,
-            torch.zeros_like(batch_noise), seed=args.seed + start, disable_pbar=True,
-        ))
+        images.append(run(batch_noise, positive, negative, args.seed + start))
         synchronize(device)
         seconds += time.perf_counter() - began
     return torch.cat(images).float(), seconds
 
 
-def warm_up(methods: dict, model, tokens, labels, noise, scale, args):
-    """One short sampling run of a full batch per method before anything is timed: model loading, kernel selection
-    and allocator growth then stay out of the per-image times."""
-    first = labels[: args.batch]
-    for patch in methods.values():
-        sample(patch(model), tokens, first, noise, scale, args, steps=2)
+def warm_up(methods: dict, model, tokens, labels, noise, scales: list[float], args):
+    """Short sampling runs (2 steps, every batch) of each method at the lowest and highest scale before anything is
+    timed, so that model loading, kernel selection and allocator growth for every batch shape the UNet will see
+    (cond only at w = 1, cond + uncond above; a last, smaller batch) stay out of the per-image times."""
+    for method in methods.values():
+        for scale in sorted({min(scales), max(scales)}):
+            sample(method(model, scale), tokens, labels, noise, args, steps=2)
 
 
 def grid_scales(scales: list[float]) -> list[float]:
@@ -277,13 +311,13 @@ def run(args, methods, model, tokens, classifier, real) -> tuple[list, dict]:
     num_classes = tokens.shape[0] - 1
     labels = balanced_labels(num_classes, args.per_class)
     noise = prepare_noise(torch.zeros(len(labels), 3, RESOLUTION, RESOLUTION), args.seed)
-    warm_up(methods, model, tokens, labels, noise, max(args.scales), args)
+    warm_up(methods, model, tokens, labels, noise, args.scales, args)
     shown = grid_scales(args.scales)
     results, grid = [], {}
     for scale in args.scales:
-        for name, patch in methods.items():
-            counted, counter = with_counter(patch(model))
-            images, seconds = sample(counted, tokens, labels, noise, scale, args)
+        for name, method in methods.items():
+            setup, counter = with_counter(method(model, scale))
+            images, seconds = sample(setup, tokens, labels, noise, args)
             row = {"method": name, "scale": scale,
                    **evaluate(images, labels, classifier, real, args.k, device),
                    "nfe_per_image": counter.rows / len(labels),
@@ -303,7 +337,7 @@ def markdown_table(results: list, reference: dict) -> str:
         cells = [row["method"], f"{row['scale']:g}"] + [fmt.format(row[key]) for key, _, fmt, _ in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     train = reference["train_subsample"]
-    cells = ["real (train subsample)", ""] + [fmt.format(train[key]) if key in train else "" for key, _, fmt, _ in COLUMNS]
+    cells = ["real (train subsample)", ""] + [fmt.format(train[key]) if real else "" for key, _, fmt, real in COLUMNS]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -323,7 +357,8 @@ def write_markdown(path: pathlib.Path, report: dict):
         markdown_table(report["results"], report["reference"]),
         "",
         f"Real test split ({test['images']} images): classifier accuracy {test['class_accuracy']:.4f}, saturation "
-        f"{test['saturation']:.4f}, chroma {test['chroma']:.4f}, out of [-1,1] {test['out_of_range']:.4f}.",
+        f"{test['saturation']:.4f}, chroma {test['chroma']:.4f}, out of [-1,1] {test['out_of_range']:.4f}, "
+        f"overshoot {test['overshoot']:.4f}.",
         "",
         "FD, precision and recall are measured in the evaluation classifier's 256-d penultimate features against the "
         "real test split (FD: all of it; precision/recall: a class-balanced subsample of the generated set's size, "
@@ -336,20 +371,15 @@ def write_markdown(path: pathlib.Path, report: dict):
 
 def plot_metrics(path: pathlib.Path, results: list, reference: dict, methods: list[str]):
     """One subplot per metric against the guidance scale (log axis), one line per method, real images dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 3
+    cols = 5
     rows = -(-len(COLUMNS) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, (key, title, _, ref_label) in zip(axes.flat, COLUMNS):
+    for ax, (key, title, _, has_real) in zip(axes.flat, COLUMNS):
         for method in methods:
             points = [(r["scale"], r[key]) for r in results if r["method"] == method]
             ax.plot(*zip(*points), marker="o", label=method)
-        if ref_label is not None:
-            ax.axhline(reference["train_subsample"][key], color="gray", linestyle="--", label=ref_label)
+        if has_real:
+            ax.axhline(reference["train_subsample"][key], color="gray", linestyle="--", label="real (train subsample)")
         scales = sorted({r["scale"] for r in results})
         ax.set_xscale("log", base=2)
         ax.set_xticks(scales, [f"{s:g}" for s in scales])
@@ -366,13 +396,8 @@ def plot_metrics(path: pathlib.Path, results: list, reference: dict, methods: li
 
 
 def plot_samples(path: pathlib.Path, grid: dict, class_names: list[str]):
-    """Rows of one image per class for each (scale, method), upscaled ×4 nearest, labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted(grid)
+    """Rows of one image per class for each (scale, method) in the order sampled, upscaled ×4 nearest, labelled."""
+    keys = list(grid)
     rows = [torch.cat(list(grid[key]), dim=2) for key in keys]  # [3, H, classes·W] each
     image = metrics.to_unit_rgb(torch.cat(rows, dim=1))
     image = image.repeat_interleave(GRID_UPSCALE, 1).repeat_interleave(GRID_UPSCALE, 2).permute(1, 2, 0).numpy()
@@ -413,11 +438,16 @@ def main():
     methods = guidance_methods()
     if args.methods:
         methods = {name: methods[name] for name in args.methods.split(",")}
+    weights = {"diffusion": file_record(args.weights), "classifier": file_record(args.classifier)}
     data_folder = ensure_fashion_mnist(pathlib.Path(args.data))
     model, tokens = load_diffusion(args.weights)
     classifier = load_classifier(args.classifier, len(CLASS_NAMES), device)
+    began = time.time()
     real = RealReference(classifier, data_folder, args.per_class, args.real_seed, device)
     reference = real_reference_metrics(classifier, real, data_folder, args.per_class, args.real_seed, args.k, device)
+    floor = reference["train_subsample"]
+    print(f"real reference {time.time() - began:.1f}s: test accuracy {real.test_accuracy:.4f}, train subsample FD "
+          f"{floor['fd']:.2f} P {floor['precision']:.3f} R {floor['recall']:.3f}", flush=True)
     started = time.time()
     results, grid = run(args, methods, model, tokens, classifier, real)
     report = {
@@ -429,8 +459,7 @@ def main():
         "torch": torch.__version__,
         "comfyui": comfyui_version.__version__,
         "unet_dtype": str(model.model.get_dtype()),
-        "weights": file_record(args.weights),
-        "classifier": file_record(args.classifier),
+        "weights": weights,
         "seeds": {"noise": args.seed, "real_subsample": args.real_seed, "train_subsample": args.real_seed + 1,
                   "sampler": f"{args.seed} + index of the batch's first image"},
         "args": vars(args),

@@ -78,8 +78,11 @@ def pytest_configure(config):
         comfy.options.enable_args_parsing()
         import comfy.utils
         import folder_paths
-        import utils.extra_config  # noqa: F401  (as in main.py: nodes.py puts comfy/ first on sys.path, after which
-        import nodes  # `utils` would resolve to comfy/utils.py and comfy_extras/nodes_images.py fail to import)
+
+        # Imported before `nodes`, as main.py does: nodes.py puts comfy/ first on sys.path, after which `utils` would
+        # resolve to comfy/utils.py and comfy_extras/nodes_images.py would fail to import.
+        import utils.extra_config  # noqa: F401
+        import nodes
 
         comfy.utils.set_progress_bar_enabled(False)
         folder_paths.add_model_folder_path("custom_nodes", str(scratch / "custom_nodes"))
@@ -168,7 +171,7 @@ class ComfyServer:
             raise AssertionError(f"GET {path}: {status} {body[:500]!r}")
         return json.loads(body)
 
-    def run_prompt(self, prompt, timeout_s=300):
+    def run_prompt(self, prompt, timeout_s=600):
         """Queue an API-format prompt, wait for it to finish, and return its /history entry."""
         status, body = self.request("/prompt", {"prompt": prompt, "client_id": "guidance-tests"})
         assert status == 200, f"/prompt refused the graph: {status} {body[:2000]!r}"

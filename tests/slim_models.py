@@ -94,6 +94,15 @@ FAMILIES = {
          "dim": 128, "ffn_dim": 256, "freq_dim": 256, "text_dim": 4096, "out_dim": 16, "num_heads": 2,
          "num_layers": 2, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6},
         {"flow": ModelType.FLOW}, 16, 32, 4096, None, video=True),
+    # SD3.5-medium layout (MMDiT-X): joint blocks (hidden 64 x depth, as ComfyUI reads it back from weights), RMS
+    # q/k norms, an extra image self-attention in block 0; CLIP-L+G context padded to T5 width, pooled 768 + 1280.
+    "sd3": Family(
+        comfy.supported_models.SD3, comfy.model_base.SD3,
+        {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+         "adm_in_channels": 2048, "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
+         "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+         "qk_norm": "rms", "x_block_self_attn_layers": [0]},
+        {"flow": ModelType.FLOW}, 16, 77, 4096, 2048),
 }
 
 # Checkpoints the stock loader accepts. It recognises SD1.5 and SDXL by model_channels 320, the context width and,
@@ -104,7 +113,17 @@ CHECKPOINTS = {
     "sd_xl_base_1.0.safetensors": ("sdxl", unet_config(
         320, [1, 1, 1], [2, 2, 2], [0, 0, 2, 2, 10, 10], 1, [0, 0, 0, 1, 1, 1, 1, 1, 1], 2048, adm=2816,
         linear=True)),
+    # SD3 medium with its CLIP-L and CLIP-G encoders (the official file without T5): slim joint blocks; the loader
+    # reads every MMDiT size from the weights.
+    "sd3_medium_incl_clips.safetensors": ("sd3", {
+        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+        "adm_in_channels": 2048, "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+        "x_block_self_attn_layers": []}),
 }
+# ComfyUI's SD3 config builds only the text encoders whose weights a checkpoint holds; these keys tell it which.
+CLIP_TARGET_KEYS = {"sd3": ["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight",
+                            "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight"]}
 
 # The SD VAE config that comfy.sd.VAE assumes for an `AutoencoderKL` state dict; the loader takes no sizes from
 # the weights, so the fixture VAE has the real size (missing weights would stay uninitialised).
@@ -138,6 +157,17 @@ def randomize_(module, seed):
     return module
 
 
+def randomize_buffers_(module, seed):
+    """Give every floating-point buffer of `module` N(0, 1) values from `seed` (e.g. MMDiT's position table, which
+    real checkpoints store and ComfyUI leaves uninitialised); modules without such buffers are untouched."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                buffer.normal_(0.0, 1.0)
+    return module
+
+
 def _torch_reset(layer):
     """The `reset_parameters` of the torch.nn class under a ComfyUI op (ComfyUI's override is a no-op)."""
     for cls in type(layer).__mro__:
@@ -152,6 +182,7 @@ def _patcher(config_class, model_class, backbone, model_type, seed):
     config.set_inference_dtype(torch.float32, None)
     model = model_class(config, model_type=model_type)
     randomize_(model.diffusion_model, seed)
+    randomize_buffers_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device())
@@ -211,15 +242,18 @@ def sample_custom_advanced(model, positive, negative, latent, cfg, steps=4, samp
                            seed=0, denoise=1.0, guider=None):
     """Sample through ComfyUI's own custom-sampling nodes, as a SamplerCustomAdvanced graph would.
 
-    The graph is CFGGuider (or the given `guider`) + KSamplerSelect + BasicScheduler + RandomNoise; returns the
-    `output` LATENT dict.
+    The graph is CFGGuider (or the given `guider`, a GUIDER value; positive, negative and cfg then go unused) +
+    KSamplerSelect + BasicScheduler + RandomNoise; returns the `output` LATENT dict. `sampler` is a sampler name for
+    KSamplerSelect or a SAMPLER object (a sampler node's output).
     """
     if guider is None:
         guider = _run_node("CFGGuider", model=model, positive=positive, negative=negative, cfg=cfg)[0]
+    if isinstance(sampler, str):
+        sampler = _run_node("KSamplerSelect", sampler_name=sampler)[0]
     sigmas = _run_node("BasicScheduler", model=model, scheduler=scheduler, steps=steps, denoise=denoise)[0]
     return _run_node(
         "SamplerCustomAdvanced", noise=_run_node("RandomNoise", noise_seed=seed)[0], guider=guider,
-        sampler=_run_node("KSamplerSelect", sampler_name=sampler)[0], sigmas=sigmas, latent_image=latent)[0]
+        sampler=sampler, sigmas=sigmas, latent_image=latent)[0]
 
 
 def _run_node(node_id, **inputs):
@@ -270,9 +304,11 @@ def checkpoint_state_dict(name, seed=0):
     """
     family, backbone = CHECKPOINTS[name]
     spec = FAMILIES[family]
-    model = _patcher(spec.config, spec.model, backbone, ModelType.EPS, seed).model
-    clip = comfy.sd.CLIP(model.model_config.clip_target())
+    model = _patcher(spec.config, spec.model, backbone, next(iter(spec.predictions.values())), seed).model
+    clip = comfy.sd.CLIP(model.model_config.clip_target(dict.fromkeys(CLIP_TARGET_KEYS.get(family, []))))
     randomize_(clip.cond_stage_model, seed + 1)
-    vae = randomize_(comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=SD_VAE_CONFIG, embed_dim=4), seed + 2)
+    vae_config = dict(SD_VAE_CONFIG, z_channels=spec.latent_channels)
+    vae = randomize_(comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=vae_config, embed_dim=spec.latent_channels),
+                     seed + 2)
     state = model.state_dict_for_saving(clip.get_sd(), vae.state_dict())
     return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
