@@ -240,13 +240,18 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
                               guidance=DEFAULT_GUIDANCE, eta=DEFAULT_ETA, s_noise=DEFAULT_S_NOISE, noise_sampler=None,
                               space=SigmaSpace()):
-    """DPM-Solver++(2S) ancestral with CFG++ (ComfyUI core's `sample_dpmpp_2s_ancestral_cfg_pp`, for α = 1).
+    """DPM-Solver++(2S) ancestral with CFG++, after ComfyUI core's `sample_dpmpp_2s_ancestral_cfg_pp`.
 
-    A CFG++ DDIM step to the midpoint ρ_s = √(ρ ρ_down) gives x_s = α_s D_λ + σ_s ε̂_u. The step to ρ_down then
-    takes the midpoint's predictions, D_2 (guided) and D_u,2 (unconditional: core's post-CFG hook has replaced the
-    first call's by the time of this step), with the first step's guided prediction kept in a correction term:
+    Core runs the eps/v solver on the state shifted by the guidance, x + (D_λ − D_u): a CFG++ DDIM step to the
+    midpoint ρ_s = √(ρ ρ_down) gives x_s = α_s D_λ + σ_s ε̂_u, and its guided prediction D_2 replaces D_λ in the step
+    to ρ_down:
 
-        x_next = α' (D_2 + ρ_down ε̂(D_u,2) + (ρ_down/ρ)(D_λ − D_2) + s_noise · ρ_up · n)
+        x_next = α' (D_2 + ρ_down ε̂_u + (ρ_down/ρ)(D_λ − D_2) + s_noise · ρ_up · n)
+
+    Here ε̂_u is the first call's throughout. Core's final step reads D_u from its post-CFG hook after the midpoint
+    call has overwritten it, which adds (ρ_down/ρ)(D_u − D_u,2) to each step: at λ = 0 core's sampler is then not
+    the unguided DPM-Solver++(2S), and it does not converge to the CFG++ path; this one is and does. The two agree
+    exactly when D_u does not change within a step.
     """
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = _default_noise_sampler(x) if noise_sampler is None else noise_sampler
@@ -267,10 +272,8 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
         else:
             sigma_mid = space.sigma_at_half_log_snr(-(rho * rho_down).sqrt().log())
             x_mid = space.alpha(sigma_mid) * denoised + sigma_mid * eps_uncond
-            pred_mid = model(x_mid, sigma_mid * x.new_ones([x.shape[0]]), **extra_args)
-            denoised_mid = guided(pred_mid, guidance)
-            eps_uncond_mid = implied_noise(x, pred_mid.uncond, alpha, sigma)
-            x = alpha_next * (denoised_mid + rho_down * eps_uncond_mid + rho_down / rho * (denoised - denoised_mid))
+            denoised_mid = guided(model(x_mid, sigma_mid * x.new_ones([x.shape[0]]), **extra_args), guidance)
+            x = alpha_next * (denoised_mid + rho_down * eps_uncond + rho_down / rho * (denoised - denoised_mid))
         if eta > 0 and s_noise > 0:
             x = x + alpha_next * noise_sampler(sigma, sigma_next) * s_noise * rho_up
     return x

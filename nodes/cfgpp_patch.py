@@ -61,7 +61,11 @@ class PredictionPairModel:
 
     def __call__(self, x, sigma, **extra_args) -> cfgpp.Denoised:
         comfy.model_management.throw_exception_if_processing_interrupted()
+        self.capture.pred = None
         self.model(x, sigma, **extra_args)
+        if self.capture.pred is None:
+            raise ValueError(f"{self.capture.node_id}: the guider did not run ComfyUI's CFG step, so CFG++ got no "
+                             "unconditional prediction. Use CFGGuider (or SamplerCustom) with a negative prompt.")
         return self.capture.pred
 
 

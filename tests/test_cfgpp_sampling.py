@@ -63,15 +63,45 @@ class Recorder:
         return args["conds_out"]
 
 
+class FrozenUncond:
+    """A pre-CFG hook that fixes the unconditional prediction to one tensor, so it does not change within a step."""
+
+    def __init__(self, model, shape):
+        self.uncond = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+        self.model = model.clone()
+        self.model.set_model_sampler_pre_cfg_function(self)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args):
+        cond = args["conds_out"][0]
+        return [cond, self.uncond.to(cond)]
+
+
 @pytest.mark.parametrize("family,prediction,method", PARITY)
 def test_matches_core_cfg_pp_sampler(comfy, family, prediction, method):
-    """Our sampler at lambda with cfg 1 is core's `_cfg_pp` sampler at cfg = lambda, to float tolerance."""
+    """Our sampler at lambda with cfg 1 is core's `_cfg_pp` sampler at cfg = lambda, to float tolerance. For
+    dpmpp_2s_ancestral the unconditional prediction is held fixed: core's last step reads the midpoint's, ours the
+    step's own (see `sample_dpmpp_2s_ancestral`), and the two agree when it does not change within a step."""
     model, positive, negative, latent = setup(family, prediction)
+    if method == "dpmpp_2s_ancestral":
+        model = FrozenUncond(model, latent["samples"].shape).model
     ours = cfgpp(comfy, model, positive, negative, latent, method, steps=4, seed=3)
     core = slim_models.sample_custom_advanced(model, positive, negative, latent, cfg=LAMBDA, steps=4,
                                               sampler=CORE[method], seed=3)["samples"]
     assert torch.isfinite(ours).all()
     assert rel_err(ours, core) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["dpmpp_2s_ancestral", "dpmpp_2m", "euler_ancestral"])
+def test_lambda_zero_is_cores_unguided_sampler(comfy, method):
+    """At lambda 0 each sampler is core's sampler of the same name on the unconditional prediction alone."""
+    model, positive, negative, latent = setup("sd15", "eps")
+    ours = cfgpp(comfy, model, positive, negative, latent, method, guidance=0.0, steps=4, seed=3)
+    unguided = slim_models.sample_custom_advanced(model, negative, negative, latent, cfg=1.0, steps=4,
+                                                  sampler=method, seed=3)["samples"]
+    assert rel_err(ours, unguided) < 1e-5
 
 
 @pytest.mark.parametrize("family,prediction", FAMILY_PREDICTIONS)

@@ -45,7 +45,7 @@ def test_pag_comparison_settings(name):
     for prefix, save in saves.items():
         sampler = upstream(prompt, save["inputs"]["images"][0])
         [sampler_id] = [i for i in sampler if prompt[i]["class_type"] == "KSampler"]
-        chains[prefix.split("/")[1]] = [c for c in model_chain(prompt, sampler_id) if c != "ModelSamplingSD3"]
+        chains[prefix.split("/")[1]] = model_chain(prompt, sampler_id)
     assert chains == {"cfg": [], "pag": [PAG], **({"pag_apg": [PAG, "AdaptiveProjectedGuidance"]}
                                                    if "pag_apg" in labels else {})}
     graph = load(WORKFLOWS / f"{name}.json")
