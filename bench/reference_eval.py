@@ -66,13 +66,17 @@ def guidance_methods() -> dict:
     """Method name → function (ModelPatcher, guidance scale w) → Setup. A new method is one line here."""
     import_pack()
     from comfyui_guidance.guiders.apg import APGConfig
+    from comfyui_guidance.guiders.pag import PAGConfig
     from comfyui_guidance.nodes.apg_patch import apply_apg
+    from comfyui_guidance.nodes.pag_patch import apply_pag
 
     edm2 = APGConfig(eta=0.0, norm_threshold=2.5, momentum=-0.75)  # the paper's EDM2 ablation values
     return {
         "cfg": lambda model, w: Setup(model, w),
         "apg": lambda model, w: Setup(apply_apg(model, APGConfig()), w),  # the node's defaults: η 0, r 15, β −0.5
         "apg_r2.5": lambda model, w: Setup(apply_apg(model, edm2), w),
+        # the node's defaults: s 3 on the middle block; at w = 1 this is PAG alone
+        "pag": lambda model, w: Setup(apply_pag(model, PAGConfig(), "auto"), w),
     }
 
 
