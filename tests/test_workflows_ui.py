@@ -111,8 +111,14 @@ def test_graph_is_consistent(workflow, object_info):
     for node in nodes.values():
         assert len(node["pos"]) == 2 and len(node["size"]) == 2 and node["mode"] == 0
         node_def = object_info[node["type"]]
-        sockets = [(input_name, kind) for input_name, kind, _, widget in declared_inputs(node_def) if not widget]
-        assert [(i["name"], i["type"]) for i in node["inputs"]] == sockets, f"{name}: node {node['id']} sockets"
+        declared = declared_inputs(node_def)
+        sockets = [(input_name, kind) for input_name, kind, _, widget in declared if not widget]
+        widgets = {input_name: kind for input_name, kind, _, widget in declared if widget}
+        plain = [(i["name"], i["type"]) for i in node["inputs"] if "widget" not in i]
+        assert plain == sockets, f"{name}: node {node['id']} sockets"
+        for converted in (i for i in node["inputs"] if "widget" in i):  # a widget fed by a link
+            assert converted["widget"]["name"] == converted["name"], f"{name}: node {node['id']} {converted}"
+            assert widgets.get(converted["name"]) == converted["type"], f"{name}: node {node['id']} {converted}"
         assert [o["type"] for o in node["outputs"]] == node_def["output"]
         for slot, output in enumerate(node["outputs"]):
             for link_id in output["links"] or []:
