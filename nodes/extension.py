@@ -5,6 +5,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .apg import AdaptiveProjectedGuidance
+from .cfgpp import CFGppDDIMInversion, CFGppDDIMSampleFromInversion, CFGppSampler
 from .pag import PerturbedAttentionGuidance
 from .reference import EmptyReferenceLatent, ReferenceClassConditioning, ReferenceModelLoader
 
@@ -13,4 +14,4 @@ class GuidanceExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [AdaptiveProjectedGuidance, ReferenceModelLoader, ReferenceClassConditioning, EmptyReferenceLatent,
-                PerturbedAttentionGuidance]
+                PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion]

@@ -1,0 +1,187 @@
+"""ComfyUI side of CFG++ (`guiders/cfgpp.py`): the samplers as ComfyUI SAMPLER objects, and inversion.
+
+The CFG++ samplers need the conditional and unconditional denoised predictions of every model call; ComfyUI's
+guider returns only the guided one. As core's `*_cfg_pp` samplers do, a post-CFG hook added to the run's copy of the
+model options reads both predictions; here the hook is an object made anew for each sampling run
+(`PredictionCapture`), so runs never share it. The guidance is the sampler's λ: the guider must run at cfg 1
+(the hook stops the run otherwise), and the unconditional pass is forced even at cfg 1. CFG++ combines the raw
+predictions itself, so a CFG function patch on the model (RescaleCFG and the like) is refused rather than ignored.
+
+Kept apart from the node classes so that scripts (benchmarks, evaluation) can sample and invert exactly as the nodes
+do without importing ComfyUI's node API.
+"""
+
+import math
+
+import torch
+
+import comfy.k_diffusion.sampling
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.samplers
+import comfy.utils
+
+from ..guiders import cfgpp
+
+SAMPLER_NODE_ID = "CFGppSampler"
+INVERSION_NODE_ID = "CFGppDDIMInversion"
+SAMPLE_BACK_NODE_ID = "CFGppDDIMSampleFromInversion"
+# Key of the noise level an inverted LATENT was taken to, so that sampling back can check its schedule.
+INVERTED_SIGMA_KEY = "cfgpp_inverted_sigma"
+
+
+class PredictionCapture:
+    """Post-CFG hook of one sampling run: keeps the last call's (conditional, unconditional) denoised predictions."""
+
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+        self.pred: cfgpp.Denoised | None = None
+
+    def __call__(self, args: dict):
+        if args["uncond"] is None:
+            raise ValueError(f"{self.node_id}: CFG++ needs the unconditional prediction, but the guider has no "
+                             "negative conditioning. Use CFGGuider (or SamplerCustom) with a negative prompt.")
+        if not math.isclose(args["cond_scale"], 1.0):
+            raise ValueError(f"{self.node_id}: the guider's cfg is {args['cond_scale']:g}, but CFG++ takes its "
+                             "guidance from this sampler's lambda. Set cfg to 1.0 on CFGGuider or SamplerCustom.")
+        if "sampler_cfg_function" in args["model_options"]:
+            raise ValueError(f"{self.node_id}: the model carries a CFG function patch (e.g. RescaleCFG), which CFG++ "
+                             "would bypass: it combines the raw predictions itself. Remove that patch node.")
+        self.pred = cfgpp.Denoised(args["cond_denoised"], args["uncond_denoised"])
+        return args["denoised"]
+
+
+class PredictionPairModel:
+    """The k-diffusion model a CFG++ sampler calls: runs ComfyUI's model and returns the captured pair."""
+
+    def __init__(self, model, capture: PredictionCapture):
+        self.model = model
+        self.capture = capture
+
+    def __call__(self, x, sigma, **extra_args) -> cfgpp.Denoised:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.capture.pred = None
+        self.model(x, sigma, **extra_args)
+        if self.capture.pred is None:
+            raise ValueError(f"{self.capture.node_id}: the guider did not run ComfyUI's CFG step, so CFG++ got no "
+                             "unconditional prediction. Use CFGGuider (or SamplerCustom) with a negative prompt.")
+        return self.capture.pred
+
+
+def sigma_space(model_patcher) -> cfgpp.SigmaSpace:
+    """The `SigmaSpace` of a ModelPatcher's model (a k-diffusion wrapper's is `model.inner_model.model_patcher`)."""
+    model_sampling = model_patcher.get_model_object("model_sampling")
+    flow = isinstance(model_sampling, comfy.model_sampling.CONST)
+    return cfgpp.SigmaSpace(flow=flow, sigma_data=float(getattr(model_sampling, "sigma_data", 1.0)))
+
+
+def capturing(model, extra_args: dict, node_id: str) -> tuple[PredictionPairModel, dict]:
+    """(the CFG++ model for this run, extra_args with the run's capture hook in a copy of the model options)."""
+    capture = PredictionCapture(node_id)
+    model_options = comfy.model_patcher.set_model_options_post_cfg_function(
+        extra_args.get("model_options", {}).copy(), capture, disable_cfg1_optimization=True)
+    return PredictionPairModel(model, capture), {**extra_args, "model_options": model_options}
+
+
+def run_cfgpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, function, node_id: str,
+              seeded_noise: bool = False, **options):
+    """A k-diffusion sampler function (what `comfy.samplers.KSAMPLER` calls) that runs `function`, a sampler or
+    `invert_ddim` of `guiders/cfgpp.py`, on ComfyUI's model with this run's prediction capture. `seeded_noise` gives
+    ancestral samplers ComfyUI's noise from the run's seed, as core samplers get it."""
+    pair_model, extra_args = capturing(model, extra_args or {}, node_id)
+    if seeded_noise:
+        options["noise_sampler"] = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
+    space = sigma_space(model.inner_model.model_patcher)
+    return function(pair_model, x, sigmas, extra_args, callback, disable, space=space, **options)
+
+
+def cfgpp_sampler(method: str, guidance: float) -> comfy.samplers.KSAMPLER:
+    """The SAMPLER of CFG++ sampler `method` at λ = `guidance`, for SamplerCustom and SamplerCustomAdvanced."""
+    if method not in cfgpp.SAMPLERS:
+        raise ValueError(f"{SAMPLER_NODE_ID}: unknown sampler {method!r}; choose one of {sorted(cfgpp.SAMPLERS)}.")
+    check_guidance_of(SAMPLER_NODE_ID, guidance)
+    options = {"function": cfgpp.SAMPLERS[method], "node_id": SAMPLER_NODE_ID, "guidance": guidance,
+               "seeded_noise": method in cfgpp.ANCESTRAL}
+    return comfy.samplers.KSAMPLER(run_cfgpp, extra_options=options)
+
+
+def check_guidance_of(node_id: str, guidance: float) -> None:
+    try:
+        cfgpp.check_guidance(guidance)
+    except ValueError as e:
+        raise ValueError(f"{node_id}: {e}.") from e
+
+
+class LatentStateSampler(comfy.samplers.Sampler):
+    """A `run_cfgpp` sampler that starts from the latent itself as the exact state at sigmas[0] and returns the state
+    at sigmas[-1] as it is: no noise added, no `noise_scaling` or `inverse_noise_scaling`. Those conversions cannot
+    represent a flow model's state at σ = 1 (they scale the latent by 1 − σ), and inversion and sampling back must
+    hand the state over unchanged."""
+
+    def __init__(self, options: dict):
+        self.options = options
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        extra_args = {**extra_args, "denoise_mask": None}
+        total_steps = len(sigmas) - 1
+        k_callback = None if callback is None else lambda info: callback(info["i"], info["denoised"], info["x"],
+                                                                        total_steps)
+        return run_cfgpp(model_k, latent_image, sigmas, extra_args=extra_args, callback=k_callback,
+                         disable=disable_pbar, **self.options)
+
+
+def run_from_latent(model, positive, negative, latent: dict, sigmas: torch.Tensor, options: dict) -> torch.Tensor:
+    """The samples of `run_cfgpp(**options)` run from `latent` (the state at sigmas[0]) through ComfyUI's CFGGuider
+    at cfg 1, with model patches, conditioning and latent format handled as in any ComfyUI sampling run."""
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(1.0)
+    samples = latent["samples"]
+    progress = comfy.utils.ProgressBar(len(sigmas) - 1)
+    return guider.sample(torch.zeros_like(samples), samples, LatentStateSampler(options), sigmas,
+                         callback=lambda step, denoised, x, total: progress.update_absolute(step + 1, total),
+                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
+
+
+def invert(model, positive, negative, latent: dict, sigmas: torch.Tensor, guidance: float,
+           manifold_constrained: bool = True) -> dict:
+    """The LATENT inverted with CFG++ DDIM along the sampling schedule `sigmas` (decreasing, ending at 0), walked
+    from 0 up to sigmas[0]. Its samples are the state at sigmas[0] in the latent format; the noise level is kept
+    under INVERTED_SIGMA_KEY. `manifold_constrained=False` inverts with plain CFG at scale `guidance` instead."""
+    if manifold_constrained:
+        check_guidance_of(INVERSION_NODE_ID, guidance)
+    if "noise_mask" in latent:
+        raise ValueError(f"{INVERSION_NODE_ID}: the latent has a noise mask; inversion works on whole latents. "
+                         "Remove the mask (e.g. encode with VAE Encode instead of VAE Encode for Inpaint).")
+    try:
+        walk = cfgpp.sampling_sigmas_for_inversion(sigmas)
+    except ValueError as e:
+        raise ValueError(f"{INVERSION_NODE_ID}: {e}. Connect a scheduler's SIGMAS (e.g. BasicScheduler at "
+                         "denoise 1), the same as for sampling back.") from e
+    options = {"function": cfgpp.invert_ddim, "node_id": INVERSION_NODE_ID, "guidance": guidance,
+               "manifold_constrained": manifold_constrained}
+    samples = run_from_latent(model, positive, negative, latent, walk, options)
+    return {**latent, "samples": samples, INVERTED_SIGMA_KEY: float(walk[-1])}
+
+
+def sample_back(model, positive, negative, latent: dict, sigmas: torch.Tensor, guidance: float,
+                manifold_constrained: bool = True) -> dict:
+    """The LATENT sampled with CFG++ DDIM from `latent` as the state at sigmas[0] (an inverted latent);
+    `manifold_constrained=False` samples with plain CFG at scale `guidance` instead."""
+    if manifold_constrained:
+        check_guidance_of(SAMPLE_BACK_NODE_ID, guidance)
+    if sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"{SAMPLE_BACK_NODE_ID}: the schedule must be a decreasing list of at least two sigmas; "
+                         "connect the scheduler that the inversion used.")
+    inverted_sigma = latent.get(INVERTED_SIGMA_KEY)
+    if inverted_sigma is not None and not math.isclose(inverted_sigma, float(sigmas[0]), rel_tol=1e-4):
+        raise ValueError(f"{SAMPLE_BACK_NODE_ID}: the latent was inverted to sigma {inverted_sigma:.4g}, but the "
+                         f"schedule starts at {float(sigmas[0]):.4g}. Connect the scheduler that the inversion used.")
+    options = {"function": cfgpp.sample_ddim, "node_id": SAMPLE_BACK_NODE_ID, "guidance": guidance,
+               "manifold_constrained": manifold_constrained}
+    samples = run_from_latent(model, positive, negative, latent, sigmas, options)
+    out = {key: value for key, value in latent.items() if key != INVERTED_SIGMA_KEY}
+    return {**out, "samples": samples}
