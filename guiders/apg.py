@@ -24,15 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.projection import combine, parallel_coefficient, rescale_factor, sample_dots
+from .sigma_range import SIGMA_MAX, SIGMA_MIN, check_sigma_range, in_sigma_range
 
 # Paper defaults: η = 0 is the recommended setting (Appendix C.8); r = 15 and β = −0.5 are the paper's SDXL values
 # (Table 10), which suit the latent scale of Stable Diffusion models in ComfyUI.
 DEFAULT_ETA = 0.0
 DEFAULT_NORM_THRESHOLD = 15.0
 DEFAULT_MOMENTUM = -0.5
-# The sigma range in which APG acts; outside it the step is plain CFG. The default range covers every schedule.
-SIGMA_MAX = 10000.0
-SIGMA_MIN = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,11 +42,10 @@ class APGConfig:
     sigma_end: float = SIGMA_MIN
 
     def __post_init__(self):
-        if self.sigma_start < self.sigma_end:
-            raise ValueError(f"sigma_start ({self.sigma_start}) must not be below sigma_end ({self.sigma_end})")
+        check_sigma_range(self.sigma_start, self.sigma_end)
 
     def acts_at(self, sigma: float) -> bool:
-        return self.sigma_end <= sigma <= self.sigma_start
+        return in_sigma_range(sigma, self.sigma_start, self.sigma_end)
 
 
 class APGState:

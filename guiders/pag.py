@@ -29,15 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .sigma_range import SIGMA_MAX, SIGMA_MIN, check_sigma_range, in_sigma_range
+
 # Paper defaults. s = 3 is the official pipeline's scale with CFG (its example pairs it with cfg 4; unconditional
 # examples use 5), and ComfyUI's and diffusers' default. a = 0 (no adaptive fall-off) is the official default.
 DEFAULT_SCALE = 3.0
 DEFAULT_ADAPTIVE_SCALE = 0.0
 # The timestep of pure noise in the adaptive schedule (DDPM's 1000 training steps; flow models' t = 1000·σ).
 TIMESTEP_MAX = 1000.0
-# The sigma range in which PAG acts; the default range covers every schedule.
-SIGMA_MAX = 10000.0
-SIGMA_MIN = 0.0
 
 
 @dataclass(frozen=True)
@@ -48,14 +47,13 @@ class PAGConfig:
     sigma_end: float = SIGMA_MIN
 
     def __post_init__(self):
-        if self.sigma_start < self.sigma_end:
-            raise ValueError(f"sigma_start ({self.sigma_start}) must not be below sigma_end ({self.sigma_end})")
+        check_sigma_range(self.sigma_start, self.sigma_end)
         if self.scale < 0 or self.adaptive_scale < 0:
             raise ValueError(f"scale ({self.scale}) and adaptive_scale ({self.adaptive_scale}) must not be negative")
 
     def scale_at(self, sigma: float, timestep: float) -> float:
         """The PAG scale of a step: 0 outside the sigma range, else s(t) = max(0, s − a (1000 − t))."""
-        if not self.sigma_end <= sigma <= self.sigma_start:
+        if not in_sigma_range(sigma, self.sigma_start, self.sigma_end):
             return 0.0
         return max(0.0, self.scale - self.adaptive_scale * (TIMESTEP_MAX - timestep))
 

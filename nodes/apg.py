@@ -2,7 +2,8 @@
 
 from comfy_api.latest import io
 
-from ..guiders.apg import SIGMA_MAX, SIGMA_MIN, APGConfig
+from ..guiders.apg import APGConfig
+from ..guiders.sigma_range import SIGMA_MAX, SIGMA_MIN
 from .apg_patch import NODE_ID, apply_apg
 
 

@@ -2,7 +2,8 @@
 
 from comfy_api.latest import io
 
-from ..guiders.pag import SIGMA_MAX, SIGMA_MIN, PAGConfig
+from ..guiders.pag import PAGConfig
+from ..guiders.sigma_range import SIGMA_MAX, SIGMA_MIN
 from .pag_layers import AUTO
 from .pag_patch import NODE_ID, apply_pag
 
