@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.projection import combine, parallel_coefficient, rescale_factor, sample_dots
+from .checks import check_finite
 from .sigma_range import SIGMA_MAX, SIGMA_MIN, check_sigma_range, in_sigma_range
 
 # Paper defaults: η = 0 is the recommended setting (Appendix C.8); r = 15 and β = −0.5 are the paper's SDXL values
@@ -42,6 +43,7 @@ class APGConfig:
     sigma_end: float = SIGMA_MIN
 
     def __post_init__(self):
+        check_finite(eta=self.eta, norm_threshold=self.norm_threshold, momentum=self.momentum)
         check_sigma_range(self.sigma_start, self.sigma_end)
 
     def acts_at(self, sigma: float) -> bool:

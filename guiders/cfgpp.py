@@ -92,15 +92,26 @@ class SigmaSpace:
 
 
 class Denoised(NamedTuple):
-    """The model's denoised predictions (x0 estimates) for one state: conditional and unconditional."""
+    """The model's denoised predictions (x0 estimates) for one state: conditional and unconditional, and the sum of
+    the additive guidance terms of other methods, if any (e.g. PAG's s (D_c − D̂); see `guided`)."""
 
     cond: torch.Tensor
     uncond: torch.Tensor
+    other_guidance: torch.Tensor | None = None
 
 
 def guided(pred: Denoised, guidance: float) -> torch.Tensor:
-    """D_λ = D_u + λ (D_c − D_u) (the same expression as ComfyUI's CFG, so the two agree bit for bit)."""
-    return pred.uncond + (pred.cond - pred.uncond) * guidance
+    """D_λ = D_u + λ (D_c − D_u) (the same expression as ComfyUI's CFG, so the two agree bit for bit), plus the
+    other methods' guidance terms.
+
+    Other guidance terms belong to the guided prediction: CFG++ denoises with the guided prediction (Tweedie's
+    formula on the guided noise, Algorithm 2 line 4) and renoises with the unconditional noise alone (line 5), so a
+    term such as PAG's s (D_c − D̂), which CFG adds to its guided prediction, is added to D_λ and nowhere else. Its
+    scale is then on CFG++'s footing, as λ's is: in a DDIM step the term's coefficient in x_next is α' s, against
+    α' s (1 − ρ'/ρ) when CFG adds it, so a CFG++ step with scale s equals a CFG step with s ρ/(ρ − ρ').
+    """
+    out = pred.uncond + (pred.cond - pred.uncond) * guidance
+    return out if pred.other_guidance is None else out + pred.other_guidance
 
 
 def implied_noise(x: torch.Tensor, denoised: torch.Tensor, alpha, sigma) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_finite
 from .sigma_range import SIGMA_MAX, SIGMA_MIN, check_sigma_range, in_sigma_range
 
 # Paper defaults. s = 3 is the official pipeline's scale with CFG (its example pairs it with cfg 4; unconditional
@@ -47,6 +48,7 @@ class PAGConfig:
     sigma_end: float = SIGMA_MIN
 
     def __post_init__(self):
+        check_finite(scale=self.scale, adaptive_scale=self.adaptive_scale)
         check_sigma_range(self.sigma_start, self.sigma_end)
         if self.scale < 0 or self.adaptive_scale < 0:
             raise ValueError(f"scale ({self.scale}) and adaptive_scale ({self.adaptive_scale}) must not be negative")

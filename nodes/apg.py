@@ -4,7 +4,8 @@ from comfy_api.latest import io
 
 from ..guiders.apg import APGConfig
 from ..guiders.sigma_range import SIGMA_MAX, SIGMA_MIN
-from .apg_patch import NODE_ID, apply_apg
+from .apg_patch import DISPLAY_NAME, NODE_ID, apply_apg
+from .validation import check_widgets, sigma_range_rule
 
 
 class AdaptiveProjectedGuidance(io.ComfyNode):
@@ -13,7 +14,7 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
         defaults = APGConfig()
         return io.Schema(
             node_id=NODE_ID,
-            display_name="Adaptive Projected Guidance (APG)",
+            display_name=DISPLAY_NAME,
             category="sampling/guidance",
             description=(
                 "APG (Sadat et al., ICLR 2025): CFG whose update is split into parts parallel and orthogonal to the "
@@ -52,9 +53,13 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values, sigma_range_rule)
+
+    @classmethod
     def execute(cls, model, eta, norm_threshold, momentum, sigma_start, sigma_end) -> io.NodeOutput:
         try:
             config = APGConfig(eta, norm_threshold, momentum, sigma_start, sigma_end)
-        except ValueError as e:
-            raise ValueError(f"{NODE_ID}: {e}; set sigma_start >= sigma_end.") from e
+        except ValueError as e:  # values that came through links, which queue-time validation cannot see
+            raise ValueError(f"{NODE_ID}: {e}.") from e
         return io.NodeOutput(apply_apg(model, config))

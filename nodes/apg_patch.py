@@ -8,6 +8,7 @@ from ..guiders.apg import APGConfig, APGState, apg_cfg_uncond
 from .run_state import run_state
 
 NODE_ID = "AdaptiveProjectedGuidance"
+DISPLAY_NAME = "Adaptive Projected Guidance (APG)"
 
 
 def apply_apg(model, config: APGConfig):
@@ -20,6 +21,8 @@ def apply_apg(model, config: APGConfig):
 class APGHook:
     """Pre-CFG hook: swaps the unconditional prediction for D_c − update, so the sampler's own CFG step at scale w
     yields APG at w (D_c + (w − 1)·update) and any CFG function or post-CFG patch downstream still composes."""
+
+    node_name = DISPLAY_NAME
 
     def __init__(self, config: APGConfig):
         self.config = config

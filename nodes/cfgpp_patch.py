@@ -4,8 +4,18 @@ The CFG++ samplers need the conditional and unconditional denoised predictions o
 guider returns only the guided one. As core's `*_cfg_pp` samplers do, a post-CFG hook added to the run's copy of the
 model options reads both predictions; here the hook is an object made anew for each sampling run
 (`PredictionCapture`), so runs never share it. The guidance is the sampler's λ: the guider must run at cfg 1
-(the hook stops the run otherwise), and the unconditional pass is forced even at cfg 1. CFG++ combines the raw
-predictions itself, so a CFG function patch on the model (RescaleCFG and the like) is refused rather than ignored.
+(the hook stops the run otherwise), and the unconditional pass is forced even at cfg 1.
+
+What composes with CFG++ (`composition_problem`, checked when a run starts; the README's table comes from the
+composition test). CFG++ forms the guided prediction D_λ from the raw predictions itself, so:
+- additive guidance terms that a post-CFG patch adds to the CFG result, independent of the CFG scale (PAG's
+  s (D_c − D̂)), are carried into D_λ (`cfgpp.guided` says why that is where they belong);
+- a CFG function (RescaleCFG, ...) or any other post-CFG patch (CFGNorm, CFGZeroStar, ...) acts on the CFG result at
+  cfg 1, where it sees the conditional prediction instead of D_λ, so CFG++ would drop or distort it: refused;
+- APG is refused: CFG++ interpolates (λ ≤ 1) and renoises with the unconditional prediction, while APG reshapes
+  the extrapolation beyond D_c at w > 1; at w = λ < 1 its update moves D_λ away from D_u, so λ = 0 would no longer
+  sample unconditionally, and neither paper defines the combination.
+Any refusal names both nodes.
 
 Kept apart from the node classes so that scripts (benchmarks, evaluation) can sample and invert exactly as the nodes
 do without importing ComfyUI's node API.
@@ -23,6 +33,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..guiders import cfgpp
+from .apg_patch import APGHook
 
 SAMPLER_NODE_ID = "CFGppSampler"
 INVERSION_NODE_ID = "CFGppDDIMInversion"
@@ -31,8 +42,47 @@ SAMPLE_BACK_NODE_ID = "CFGppDDIMSampleFromInversion"
 INVERTED_SIGMA_KEY = "cfgpp_inverted_sigma"
 
 
+NODE_NAMES = {SAMPLER_NODE_ID: "CFG++ Sampler", INVERSION_NODE_ID: "CFG++ DDIM Inversion",
+              SAMPLE_BACK_NODE_ID: "CFG++ DDIM Sample From Inversion"}
+
+
+def patch_owner(function) -> str:
+    """The node that put a sampler hook on the model, as the user knows it: our hooks name their node; a core
+    node's hook is a closure inside the node class (`RescaleCFG.patch.<locals>.rescale_cfg`)."""
+    owner = getattr(function, "__self__", function)
+    if hasattr(owner, "node_name"):
+        return owner.node_name
+    qualname = getattr(function, "__qualname__", type(function).__qualname__)
+    return qualname.split(".")[0] if ".<locals>." in qualname else f"the patch {qualname}"
+
+
+def refused_patches(model_options: dict):
+    """(node, why) for each guidance patch on the model that CFG++ cannot carry (see the module's docstring)."""
+    if "sampler_cfg_function" in model_options:
+        yield (patch_owner(model_options["sampler_cfg_function"]), "replaces ComfyUI's CFG step with a CFG function, "
+               "which CFG++ bypasses: it combines the raw predictions itself")
+    for hook in model_options.get("sampler_pre_cfg_function", []):
+        if isinstance(hook, APGHook):
+            yield (hook.node_name, "reshapes CFG's extrapolation beyond the conditional prediction (w > 1), while "
+                   "CFG++ interpolates (lambda <= 1) and renoises with the unconditional prediction; at lambda < 1, "
+                   "APG's update would keep lambda = 0 from sampling unconditionally")
+    for hook in model_options.get("sampler_post_cfg_function", []):
+        if not getattr(getattr(hook, "__self__", None), "adds_guidance_term", False):
+            yield (patch_owner(hook), "changes the CFG result after ComfyUI's CFG step, which runs at cfg 1 under "
+                   "CFG++ and so sees the conditional prediction, not CFG++'s guided one")
+
+
+def composition_problem(model_options: dict, node_id: str) -> str | None:
+    """Why the model's guidance patches cannot run under CFG++ node `node_id`, naming both nodes, or None."""
+    for other, why in refused_patches(model_options):
+        return (f"{NODE_NAMES[node_id]} and {other} do not combine: {other} {why}. Remove {other} from the model, "
+                "or use a regular sampler instead of CFG++.")
+    return None
+
+
 class PredictionCapture:
-    """Post-CFG hook of one sampling run: keeps the last call's (conditional, unconditional) denoised predictions."""
+    """Post-CFG hook of one sampling run: keeps the last call's conditional and unconditional denoised predictions
+    and what the post-CFG patches before it (PAG) added to the CFG result."""
 
     def __init__(self, node_id: str):
         self.node_id = node_id
@@ -45,10 +95,12 @@ class PredictionCapture:
         if not math.isclose(args["cond_scale"], 1.0):
             raise ValueError(f"{self.node_id}: the guider's cfg is {args['cond_scale']:g}, but CFG++ takes its "
                              "guidance from this sampler's lambda. Set cfg to 1.0 on CFGGuider or SamplerCustom.")
-        if "sampler_cfg_function" in args["model_options"]:
-            raise ValueError(f"{self.node_id}: the model carries a CFG function patch (e.g. RescaleCFG), which CFG++ "
-                             "would bypass: it combines the raw predictions itself. Remove that patch node.")
-        self.pred = cfgpp.Denoised(args["cond_denoised"], args["uncond_denoised"])
+        cond, uncond = args["cond_denoised"], args["uncond_denoised"]
+        # The post-CFG patches that ran before this one (the capture runs last) are additive guidance terms (see
+        # `composition_problem`): what they added to ComfyUI's CFG step, recomputed here bit for bit.
+        others = args["model_options"].get("sampler_post_cfg_function", [])[:-1]
+        other_guidance = args["denoised"] - (uncond + (cond - uncond) * args["cond_scale"]) if others else None
+        self.pred = cfgpp.Denoised(cond, uncond, other_guidance)
         return args["denoised"]
 
 
@@ -78,6 +130,9 @@ def sigma_space(model_patcher) -> cfgpp.SigmaSpace:
 
 def capturing(model, extra_args: dict, node_id: str) -> tuple[PredictionPairModel, dict]:
     """(the CFG++ model for this run, extra_args with the run's capture hook in a copy of the model options)."""
+    problem = composition_problem(extra_args.get("model_options", {}), node_id)
+    if problem is not None:
+        raise ValueError(problem)
     capture = PredictionCapture(node_id)
     model_options = comfy.model_patcher.set_model_options_post_cfg_function(
         extra_args.get("model_options", {}).copy(), capture, disable_cfg1_optimization=True)

@@ -4,8 +4,18 @@ from comfy_api.latest import io
 
 from ..guiders.pag import PAGConfig
 from ..guiders.sigma_range import SIGMA_MAX, SIGMA_MIN
-from .pag_layers import AUTO
-from .pag_patch import NODE_ID, apply_pag
+from .pag_layers import AUTO, malformed_layer_names
+from .pag_patch import DISPLAY_NAME, NODE_ID, apply_pag
+from .validation import check_widgets, sigma_range_rule
+
+
+def layer_names_rule(values: dict) -> str | None:
+    """Layer names that no model has (a typo): refused at queue time; names this model lacks need the model."""
+    malformed = malformed_layer_names(values.get("layers") or "")
+    if not malformed:
+        return None
+    return (f"layers has {', '.join(malformed)}, which is no layer name: use input.B[.T], middle.0[.T], output.B[.T] "
+            "(UNet), joint.N (SD3), double.N or single.N (Flux), block.N (Wan), ranges like single.0-37, or 'auto'")
 
 
 class PerturbedAttentionGuidance(io.ComfyNode):
@@ -14,7 +24,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
         defaults = PAGConfig()
         return io.Schema(
             node_id=NODE_ID,
-            display_name="Perturbed-Attention Guidance (PAG)",
+            display_name=DISPLAY_NAME,
             category="sampling/guidance",
             description=(
                 "PAG (Ahn et al., ECCV 2024): runs the model once more with chosen self-attention maps replaced by "
@@ -63,11 +73,15 @@ class PerturbedAttentionGuidance(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values, sigma_range_rule, layer_names_rule)
+
+    @classmethod
     def execute(cls, model, scale, adaptive_scale, layers, sigma_start, sigma_end, batched) -> io.NodeOutput:
         try:
             config = PAGConfig(scale, adaptive_scale, sigma_start, sigma_end)
-        except ValueError as e:
-            raise ValueError(f"{NODE_ID}: {e}; set sigma_start >= sigma_end.") from e
+        except ValueError as e:  # values that came through links, which queue-time validation cannot see
+            raise ValueError(f"{NODE_ID}: {e}.") from e
         try:
             return io.NodeOutput(apply_pag(model, config, layers, batched))
         except ValueError as e:

@@ -108,11 +108,23 @@ def _indices(first, last):
     return range(first, (first if last is None else int(last)) + 1)
 
 
+def layer_tokens(spec: str) -> list[str]:
+    """The names in a `layers` setting (separated by commas or spaces), lower case."""
+    return [t for t in re.split(r"[,\s]+", spec.strip().lower()) if t]
+
+
+def malformed_layer_names(spec: str) -> list[str]:
+    """The names in `spec` that no model has, whatever its family: neither `auto` nor a kind and index."""
+    known = {*UNET_KINDS, *DIT_BLOCK_KEYS}
+    return [t for t in layer_tokens(spec)
+            if t != AUTO and ((match := TOKEN.match(t)) is None or match["kind"] not in known)]
+
+
 def select_layers(spec: str, diffusion_model) -> tuple[Layer, ...]:
     """The layers named by `spec` in this model, or a ValueError that names the layers it has."""
     available = list(layer_modules(diffusion_model))
     family = model_family(diffusion_model)
-    tokens = [t for t in re.split(r"[,\s]+", spec.strip().lower()) if t]
+    tokens = layer_tokens(spec)
     if tokens == [AUTO]:
         tokens = [FAMILY_DEFAULTS[family]]
     if not tokens:

@@ -36,6 +36,7 @@ from .pag_layers import DIT_BLOCK_KEYS, Layer, select_layers
 from .run_state import run_state
 
 NODE_ID = "GuidancePerturbedAttention"
+DISPLAY_NAME = "Perturbed-Attention Guidance (PAG)"
 # Set in a perturbed DiT block's transformer options, for the attention override.
 BLOCK_MARK = "comfyui_guidance.pag_block"
 # ComfyUI's own margin on its memory estimate when it decides how many conds to batch (comfy/samplers.py).
@@ -203,6 +204,10 @@ def batch_fits(model, x: torch.Tensor, chunks: int) -> bool:
 
 class PAGHook:
     """Calc-cond-batch hook (adds the perturbed pass to the model call) and post-CFG hook (adds s (D_c − D̂))."""
+
+    node_name = DISPLAY_NAME
+    # The post-CFG hook adds a term that does not depend on the CFG scale: CFG++ carries it into its guided prediction.
+    adds_guidance_term = True
 
     def __init__(self, config: PAGConfig, layers: tuple[Layer, ...], batched: bool, replaced_calc_cond_batch):
         self.config = config

@@ -113,7 +113,8 @@ class EmptyReferenceLatent(io.ComfyNode):
                 io.Int.Input("height", default=RESOLUTION, min=8, max=512, step=8, tooltip="Image height in pixels."),
                 io.Int.Input("batch_size", default=10, min=1, max=4096, tooltip="Images in the batch."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="An empty batch of reference-model images (3-channel pixel space): "
+                                      "connect it to a sampler's latent_image.")],
         )
 
     @classmethod

@@ -1,0 +1,312 @@
+"""Every ordered pair of guidance nodes either composes, equal to a float64 reference of the combination, or stops
+with an error that names both nodes: never a silent drop.
+
+The nodes: the pack's APG, PAG and CFG++ Sampler, and the core CFG-function nodes a user stacks with them
+(RescaleCFG, CFGNorm, CFGZeroStar). A model patch (APG, PAG, core) acts at one place of ComfyUI's guidance step,
+so the reference of a stack applies, in float64 on the raw predictions of each step, first the pre-CFG patches
+(APG: the unconditional prediction for which CFG equals APG), then the CFG step (or RescaleCFG's), then the post-CFG
+patches in the order they were applied (PAG: + s (D_c − D̂); CFGNorm; CFGZeroStar). CFG++ is a sampler: it carries
+PAG's term into its guided prediction and refuses the others (nodes/cfgpp_patch.py says why).
+
+Each later method adds itself to PATCHES (or as a sampler) with its reference stage; the README's table "What
+composes with what" is generated from these cases: a test checks that the README carries it (and prints the table
+to paste when it does not).
+"""
+
+import dataclasses
+import pathlib
+import re
+
+import pytest
+import torch
+from comfy.k_diffusion.sampling import default_noise_sampler
+from comfy.samplers import calc_cond_batch
+
+import slim_models
+from apg_reference import paper_apg
+from comfyui_guidance.guiders import cfgpp
+from cfgpp_reference import noise_prediction, paper_coefficients
+from test_pag_sampling import Spy, apg, flux_identity, pag, rel_err, slim_model, unet_identity
+
+CFG = 6.0
+LAMBDA = 0.6
+APG_SETTINGS = {"eta": 0.0, "norm_threshold": 1.0, "momentum": -0.5}  # a threshold that binds on the slim models
+PAG_SCALE = 2.5
+RESCALE_MULTIPLIER = 0.7
+CFG_NORM_STRENGTH = 0.9
+# PAG's default layers (`auto`: middle.0 on SD1.5, double.1 on Flux), perturbed independently of the pack.
+PAG_REFERENCES = {"sd15": unet_identity([("middle", 0, 0)]), "flux": flux_identity({("double", 1)})}
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What one step of a run saw, in float64: state, sigma, raw conditional, unconditional and perturbed
+    predictions, and the unconditional prediction after the pre-CFG patches so far."""
+
+    x: torch.Tensor
+    sigma: float
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    perturbed: torch.Tensor
+
+
+def apg_pre(steps, unconds):
+    """APG (Algorithm 1, float64) as a pre-CFG patch: per step the unconditional prediction D_c − update, for which
+    CFG at w gives D_c + (w − 1)·update."""
+    conds = [s.cond for s in steps]
+    guided = paper_apg(conds, unconds, CFG, APG_SETTINGS["eta"], APG_SETTINGS["norm_threshold"],
+                       APG_SETTINGS["momentum"])
+    return [c - (g - c) / (CFG - 1) for c, g in zip(conds, guided)]
+
+
+def cfg_step(step, uncond):
+    return uncond + CFG * (step.cond - uncond)
+
+
+def rescale_cfg_step(step, uncond):
+    """RescaleCFG (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024, Sec. 3.4):
+    CFG on v-predictions, rescaled to the conditional prediction's standard deviation and mixed by φ. ComfyUI's
+    state is x = z/α_t with α_t = 1/√(1+σ²), σ_t = σ α_t, and v = α_t ε − σ_t x0."""
+    alpha_t = (1 + step.sigma**2) ** -0.5
+    sigma_t = step.sigma * alpha_t
+
+    def velocity(denoised):
+        return alpha_t * (step.x - denoised) / step.sigma - sigma_t * denoised
+
+    v_cond, v_uncond = velocity(step.cond), velocity(uncond)
+    v_cfg = v_uncond + CFG * (v_cond - v_uncond)
+    dims = list(range(1, v_cfg.ndim))
+    v_rescaled = v_cfg * v_cond.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True)
+    v_final = RESCALE_MULTIPLIER * v_rescaled + (1 - RESCALE_MULTIPLIER) * v_cfg
+    return alpha_t**2 * step.x - sigma_t * v_final  # x0 = α_t z − σ_t v
+
+
+def pag_post(step, uncond, out):
+    return out + PAG_SCALE * (step.cond - step.perturbed)
+
+
+def cfg_norm_post(step, uncond, out):
+    """CFGNorm (ComfyUI core, no paper): per position, the guided prediction's norm over channels is capped at the
+    conditional prediction's, then scaled by the strength."""
+    ratio = step.cond.norm(dim=1, keepdim=True) / (out.norm(dim=1, keepdim=True) + 1e-8)
+    return out * ratio.clamp(0, 1) * CFG_NORM_STRENGTH
+
+
+def cfg_zero_star_post(step, uncond, out):
+    """CFG-Zero* (Fan et al., 2025, Eq. 7): the unconditional prediction scaled by s* = ⟨v_c, v_u⟩/‖v_u‖² in the
+    guidance, D_u s* + w (D_c − D_u s*), on what ComfyUI passes (x − D); as an edit of the incoming result."""
+    v_cond, v_uncond = (step.x - step.cond).flatten(1), (step.x - uncond).flatten(1)
+    scale = ((v_cond * v_uncond).sum(1) / (v_uncond.square().sum(1) + 1e-8)).view(-1, *[1] * (out.ndim - 1))
+    return out + (1 - CFG) * (scale - 1) * uncond
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """A model-patch node of the matrix: how to apply it, and its float64 reference at the place where it acts."""
+
+    apply: object  # (comfy, model) -> model
+    pre: object = None  # (steps, unconds) -> unconds
+    cfg: object = None  # (step, uncond) -> guided
+    post: object = None  # (step, uncond, guided) -> guided
+
+
+def core_node(node_id, **inputs):
+    def apply(comfy, model):
+        node = comfy.NODE_CLASS_MAPPINGS[node_id]
+        if hasattr(node, "execute"):
+            return node.execute(model, **inputs).result[0]
+        return getattr(node(), node.FUNCTION)(model, **inputs)[0]
+    return apply
+
+
+PATCHES = {
+    "APG": Patch(lambda comfy, m: apg(comfy, m, **APG_SETTINGS), pre=apg_pre),
+    "PAG": Patch(lambda comfy, m: pag(comfy, m, scale=PAG_SCALE), post=pag_post),
+    "RescaleCFG": Patch(core_node("RescaleCFG", multiplier=RESCALE_MULTIPLIER), cfg=rescale_cfg_step),
+    "CFGNorm": Patch(core_node("CFGNorm", strength=CFG_NORM_STRENGTH), post=cfg_norm_post),
+    "CFGZeroStar": Patch(core_node("CFGZeroStar"), post=cfg_zero_star_post),
+}
+OURS = ("APG", "PAG")
+PATCH_PAIRS = [(a, b) for a in PATCHES for b in PATCHES if a in OURS or b in OURS]
+# The patches whose effect CFG++ carries; every other one is refused, naming both nodes.
+CFGPP = "CFG++ Sampler"
+CARRIED_BY_CFGPP = {"PAG"}
+# The names that a refusal must carry for each node (what the user sees on the node).
+SHOWN_NAMES = {"APG": "Adaptive Projected Guidance (APG)", "PAG": "Perturbed-Attention Guidance (PAG)",
+               "RescaleCFG": "RescaleCFG", "CFGNorm": "CFGNorm", "CFGZeroStar": "CFGZeroStar", CFGPP: CFGPP}
+
+
+class StepSpy(Spy):
+    """test_pag_sampling's Spy, also recording each step's input state."""
+
+    def __init__(self, reference):
+        super().__init__(reference)
+        self.inputs = []
+
+    def pre(self, args):
+        self.inputs.append(args["input"].clone())
+        return super().pre(args)
+
+
+def recorded_steps(spy):
+    return [Step(x.double(), float(sigma[0]), c.double(), u.double(), p.double())
+            for x, sigma, (c, u), p in zip(spy.inputs, spy.sigmas, spy.raw, spy.perturbed)]
+
+
+def reference_of_stack(names, steps):
+    """The float64 result of each step of the patches `names`, applied to the model in that order."""
+    unconds = [s.uncond for s in steps]
+    for name in names:
+        if PATCHES[name].pre is not None:
+            unconds = PATCHES[name].pre(steps, unconds)
+    cfg_stages = [PATCHES[n].cfg for n in names if PATCHES[n].cfg is not None]
+    cfg = cfg_stages[-1] if cfg_stages else cfg_step  # ComfyUI keeps one CFG function: the last one applied
+    for step, uncond in zip(steps, unconds):
+        out = cfg(step, uncond)
+        for name in names:
+            if PATCHES[name].post is not None:
+                out = PATCHES[name].post(step, uncond, out)
+        yield out
+
+
+def setup(batch=2):
+    model = slim_model("sd15", "eps")
+    positive, negative = slim_models.conditioning("sd15", batch=batch)
+    return model, positive, negative, slim_models.empty_latent("sd15", batch=batch, height=32, width=32)
+
+
+@pytest.mark.parametrize("first,second", PATCH_PAIRS, ids=[f"{a}-then-{b}" for a, b in PATCH_PAIRS])
+def test_patch_pair_equals_float64_reference(comfy, first, second):
+    """Every step's guided prediction of the pair, applied in this order, is the float64 reference of the stack, and
+    differs from each node alone (neither was dropped)."""
+    model, positive, negative, latent = setup()
+
+    def stack(m):
+        return PATCHES[second].apply(comfy, PATCHES[first].apply(comfy, m))
+
+    spy = StepSpy(PAG_REFERENCES["sd15"])
+    slim_models.ksample(spy.around(model, stack), positive, negative, latent, cfg=CFG, steps=3)
+    steps = recorded_steps(spy)
+    assert len(steps) == 3 and steps[0].x.shape[0] == 2
+    for got, want in zip(spy.guided, reference_of_stack([first, second], steps)):
+        assert rel_err(got, want) < 1e-5
+    if first != second:
+        for alone in ([first], [second]):
+            assert max(rel_err(got, want) for got, want in zip(spy.guided, reference_of_stack(alone, steps))) > 1e-3
+
+
+class PredictionRecorder:
+    """A pre-CFG hook that records each model call of a CFG++ run: state, sigma, raw predictions and the perturbed
+    prediction made independently at the same state (CFG++ refuses foreign post-CFG hooks, not pre-CFG ones)."""
+
+    def __init__(self, model, family="sd15"):
+        self.calls = []
+        self.reference = PAG_REFERENCES[family]
+        self.model = model.clone()
+        self.model.set_model_sampler_pre_cfg_function(self)
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options; keep recording here
+        return self
+
+    def __call__(self, args):
+        options = self.reference(args["model_options"].copy())
+        [perturbed] = calc_cond_batch(args["model"], [args["conds"][0]], args["input"], args["sigma"], options)
+        cond, uncond = args["conds_out"][:2]
+        self.calls.append(Step(args["input"].double(), float(args["sigma"][0]), cond.double(), uncond.double(),
+                               perturbed.double()))
+        return args["conds_out"]
+
+
+def cfgpp_sample(comfy, model, method="ddim", family="sd15", seed=0, steps=3):
+    positive, negative = slim_models.conditioning(family, batch=2)
+    latent = slim_models.empty_latent(family, batch=2, height=32, width=32)
+    sampler = comfy.NODE_CLASS_MAPPINGS["CFGppSampler"].execute(method, LAMBDA).result[0]
+    return slim_models.sample_custom_advanced(model, positive, negative, latent, cfg=1.0, steps=steps,
+                                              sampler=sampler, seed=seed)["samples"]
+
+
+@pytest.mark.parametrize("patch", list(PATCHES))
+def test_patch_under_cfgpp_composes_or_refuses_naming_both(comfy, patch):
+    """PAG under CFG++ DDIM: each step is Algorithm 2 in the paper's variables with PAG's term in the guided
+    prediction, x̂ = D_u + λ (D_c − D_u) + s (D_c − D̂), renoised with ε̂_∅ alone. Every other patch stops the run
+    with an error that names both nodes."""
+    model = slim_model("sd15", "eps")
+    if patch not in CARRIED_BY_CFGPP:
+        with pytest.raises(ValueError) as refusal:
+            cfgpp_sample(comfy, PATCHES[patch].apply(comfy, model))
+        assert SHOWN_NAMES[patch] in str(refusal.value) and CFGPP in str(refusal.value)
+        return
+    recorder = PredictionRecorder(model)
+    out = cfgpp_sample(comfy, PATCHES[patch].apply(comfy, recorder.model))
+    plain = cfgpp_sample(comfy, model)
+    assert rel_err(out, plain) > 1e-3  # PAG's effect is there
+    calls = recorder.calls
+    states = [c.x for c in calls[1:]] + [model.model.process_latent_in(out).double()]
+    sigmas = [c.sigma for c in calls] + [0.0]
+    assert len(calls) == 3
+    for call, sigma_next, got in zip(calls, sigmas[1:], states):
+        a, s, to_paper = paper_coefficients(call.sigma, flow=False)
+        a_next, s_next, to_paper_next = paper_coefficients(sigma_next, flow=False)
+        z = call.x * to_paper
+        x0 = call.uncond + LAMBDA * (call.cond - call.uncond) + PAG_SCALE * (call.cond - call.perturbed)
+        want = (a_next * x0 + s_next * noise_prediction(z, call.uncond, a, s)) / to_paper_next
+        assert rel_err(got, want) < 1e-5
+
+
+SAMPLER_CASES = [(family, method) for family in ("sd15", "flux")
+                 for method in ("ddim", "euler_ancestral", "dpmpp_2m", "dpmpp_2s_ancestral")]
+
+
+@pytest.mark.parametrize("family,method", SAMPLER_CASES, ids=[f"{f}-{m}" for f, m in SAMPLER_CASES])
+def test_pag_term_reaches_every_cfgpp_model_call(comfy, family, method):
+    """Under every CFG++ sampler (eps and flow), each model call's guided prediction carries PAG's term: the
+    sampler replayed in float64 on the recorded predictions plus s (D_c − D̂), with the same noise, visits the same
+    states and ends at the same latent."""
+    model = slim_model(family, "flow" if family == "flux" else "eps")
+    recorder = PredictionRecorder(model, family)
+    out = cfgpp_sample(comfy, PATCHES["PAG"].apply(comfy, recorder.model), method, family, seed=5)
+    calls = iter(recorder.calls)
+    # float32 sampling against a float64 replay: up to 1.2e-4 apart here (Flux 2S at eta 1, whose last midpoint sigma
+    # float32 gets 20% off through cancellation in ρ_down = √(ρ'² − ρ_up²)); a PAG term missing from one call puts the
+    # next state 2e-2 away.
+    tolerance = 1e-3
+
+    def replay(x, sigma, **extra):
+        call = next(calls)
+        assert rel_err(x, call.x) < tolerance
+        return cfgpp.Denoised(call.cond, call.uncond, PAG_SCALE * (call.cond - call.perturbed))
+
+    x0 = recorder.calls[0].x
+    sigmas = comfy.NODE_CLASS_MAPPINGS["BasicScheduler"].execute(model, "normal", 3, 1.0).result[0].double()
+    noise = default_noise_sampler(x0.float(), seed=5)
+    options = {"noise_sampler": lambda s, t: noise(s, t).double()} if method in cfgpp.ANCESTRAL else {}
+    flow = family == "flux"
+    replayed = cfgpp.SAMPLERS[method](replay, x0, sigmas, disable=True, guidance=LAMBDA,
+                                      space=cfgpp.SigmaSpace(flow=flow), **options)
+    assert next(calls, None) is None
+    assert rel_err(model.model.process_latent_in(out), replayed) < tolerance
+
+
+def composition_table() -> str:
+    """The README's table: for each ordered pair (row first, then column), whether it composes or is refused."""
+    columns = [*PATCHES, CFGPP]
+    lines = ["| first ↓ then → | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    for first in PATCHES:
+        cells = []
+        for second in columns:
+            if second == CFGPP:
+                cells.append("composes" if first in CARRIED_BY_CFGPP else "refused")
+            else:
+                cells.append("composes" if (first, second) in PATCH_PAIRS else "–")
+        lines.append(f"| {first} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def test_readme_table_is_generated_from_these_cases():
+    readme = README.read_text()
+    match = re.search(r"<!-- composition table: generated.*?-->\n(.*?)<!-- end composition table -->", readme,
+                      re.S)
+    assert match, "README lacks the composition table markers"
+    assert match[1].strip() == composition_table(), f"replace the README's table with:\n{composition_table()}"
+

@@ -1,0 +1,90 @@
+"""Bad values are stopped when a prompt is queued, with a message that names the node, the input and the fix;
+and every input and output of every node says what it is (a tooltip).
+
+ComfyUI compares a widget value with its min and max at queue time, but NaN passes every comparison, and a node's
+`validate_inputs` takes those checks over (nodes/validation.py). These tests queue real prompts on a real server.
+"""
+
+import asyncio
+import json
+import math
+
+import pytest
+
+from comfyui_guidance.nodes.extension import GuidanceExtension
+
+NAN, INF = math.nan, math.inf
+APG = "AdaptiveProjectedGuidance"
+PAG = "GuidancePerturbedAttention"
+APG_NAME = "Adaptive Projected Guidance (APG)"
+PAG_NAME = "Perturbed-Attention Guidance (PAG)"
+APG_INPUTS = {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5, "sigma_start": 10000.0, "sigma_end": 0.0}
+PAG_INPUTS = {"scale": 3.0, "adaptive_scale": 0.0, "layers": "auto", "sigma_start": 10000.0, "sigma_end": 0.0,
+              "batched": True}
+
+
+def reference_prompt(patch_class, patch_inputs):
+    """Reference model → the patch node → KSampler (2 steps) → VAE Decode → Save Image, in API format."""
+    return {
+        "1": {"class_type": "GuidanceReferenceModelLoader", "inputs": {"weights": "fashion_diffusion.safetensors"}},
+        "2": {"class_type": "GuidanceReferenceClassConditioning",
+              "inputs": {"classes": ["1", 2], "class_name": "all classes", "images_per_class": 1}},
+        "3": {"class_type": "GuidanceEmptyReferenceLatent",
+              "inputs": {"width": 32, "height": 32, "batch_size": ["2", 2]}},
+        "4": {"class_type": patch_class, "inputs": {"model": ["1", 0], **patch_inputs}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["2", 0], "negative": ["2", 1],
+                                                   "latent_image": ["3", 0], "seed": 1, "steps": 2, "cfg": 3.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 1]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "validation"}},
+    }
+
+
+BAD_VALUES = [
+    # node, its display name, inputs changed, what the message must say
+    (APG, APG_NAME, {"eta": NAN}, "eta is nan: enter a finite number between 0 and 1 (default 0)"),
+    (APG, APG_NAME, {"momentum": NAN}, "momentum is nan"),
+    (APG, APG_NAME, {"norm_threshold": INF}, "norm_threshold is inf"),
+    (APG, APG_NAME, {"sigma_start": NAN}, "sigma_start is nan"),
+    (APG, APG_NAME, {"sigma_end": -INF}, "sigma_end is -inf"),
+    (APG, APG_NAME, {"eta": 2.0}, "eta is 2: enter a number between 0 and 1"),
+    (APG, APG_NAME, {"sigma_start": 1.0, "sigma_end": 2.0}, "set sigma_start >= sigma_end"),
+    (PAG, PAG_NAME, {"scale": NAN}, "scale is nan"),
+    (PAG, PAG_NAME, {"adaptive_scale": INF}, "adaptive_scale is inf"),
+    (PAG, PAG_NAME, {"sigma_start": 0.5, "sigma_end": 3.0}, "set sigma_start >= sigma_end"),
+    (PAG, PAG_NAME, {"layers": "midle.0, output.1"}, "layers has midle.0, which is no layer name"),
+]
+DEFAULT_INPUTS = {APG: APG_INPUTS, PAG: PAG_INPUTS}
+
+
+@pytest.mark.parametrize("node,name,changes,message", BAD_VALUES,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, _, c, _ in BAD_VALUES])
+def test_bad_value_is_refused_at_queue_time(comfy_server, node, name, changes, message):
+    """/prompt answers 400 before anything runs; the node's error names the node, the input and the fix."""
+    status, body = comfy_server.request("/prompt", {"prompt": reference_prompt(node, DEFAULT_INPUTS[node] | changes)})
+    assert status == 400, body[:500]
+    reply = json.loads(body)
+    errors = reply["node_errors"]["4"]["errors"]
+    details = {e["details"] for e in errors}
+    assert all(f"{name}: " in d and message in d for d in details), details
+    assert set(changes) <= {e["extra_info"]["input_name"] for e in errors}
+
+
+def test_good_values_still_run(comfy_server):
+    """The same prompts with good values run, so the checks refuse only what is wrong."""
+    for node in (APG, PAG):
+        entry = comfy_server.run_prompt(reference_prompt(node, DEFAULT_INPUTS[node] | {"sigma_start": 5.0,
+                                                                                       "sigma_end": 5.0}))
+        assert entry["status"]["status_str"] == "success"
+
+
+def pack_nodes():
+    return asyncio.run(GuidanceExtension().get_node_list())
+
+
+@pytest.mark.parametrize("node", pack_nodes(), ids=lambda node: node.__name__)
+def test_every_input_and_output_has_a_tooltip(node):
+    schema = node.GET_SCHEMA()
+    assert schema.description
+    for port in [*schema.inputs, *schema.outputs]:
+        assert port.tooltip and len(port.tooltip) > 10, f"{schema.node_id}: {port.id or port.display_name}"
