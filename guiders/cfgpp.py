@@ -104,8 +104,8 @@ def guided(pred: Denoised, guidance: float) -> torch.Tensor:
     """D_λ = D_u + λ (D_c − D_u) (the same expression as ComfyUI's CFG, so the two agree bit for bit), plus the
     other methods' guidance terms.
 
-    Other guidance terms belong to the guided prediction: CFG++ denoises with the guided prediction (Tweedie's
-    formula on the guided noise, Algorithm 2 line 4) and renoises with the unconditional noise alone (line 5), so a
+    Other guidance terms belong to the guided prediction: CFG++ denoises with the guided prediction (Algorithm 2's
+    Tweedie step on the guided noise) and renoises with the unconditional noise alone (its renoising step), so a
     term such as PAG's s (D_c − D̂), which CFG adds to its guided prediction, is added to D_λ and nowhere else. Its
     scale is then on CFG++'s footing, as λ's is: in a DDIM step the term's coefficient in x_next is α' s, against
     α' s (1 − ρ'/ρ) when CFG adds it, so a CFG++ step with scale s equals a CFG step with s ρ/(ρ − ρ').

@@ -17,6 +17,7 @@ import dataclasses
 import pathlib
 import re
 
+import numpy as np
 import pytest
 import torch
 from comfy.k_diffusion.sampling import default_noise_sampler
@@ -26,6 +27,7 @@ import slim_models
 from apg_reference import paper_apg
 from comfyui_guidance.guiders import cfgpp
 from cfgpp_reference import noise_prediction, paper_coefficients
+from test_e2e_server import saved_images
 from test_pag_sampling import Spy, apg, flux_identity, pag, rel_err, slim_model, unet_identity
 
 CFG = 6.0
@@ -286,6 +288,46 @@ def test_pag_term_reaches_every_cfgpp_model_call(comfy, family, method):
                                       space=cfgpp.SigmaSpace(flow=flow), **options)
     assert next(calls, None) is None
     assert rel_err(model.model.process_latent_in(out), replayed) < tolerance
+
+
+def reference_cfgpp_prompt(pag_scale):
+    """The issue's repro on the reference model: loader → PAG (or none) → SamplerCustom (cfg 1, CFG++ Sampler ddim,
+    λ 0.6) → VAE Decode → Save Image, in API format."""
+    model = ["1", 0]
+    prompt = {
+        "1": {"class_type": "GuidanceReferenceModelLoader", "inputs": {"weights": "fashion_diffusion.safetensors"}},
+        "2": {"class_type": "GuidanceReferenceClassConditioning",
+              "inputs": {"classes": ["1", 2], "class_name": "all classes", "images_per_class": 1}},
+        "3": {"class_type": "GuidanceEmptyReferenceLatent",
+              "inputs": {"width": 32, "height": 32, "batch_size": ["2", 2]}},
+        "5": {"class_type": "CFGppSampler", "inputs": {"sampler_name": "ddim", "guidance": LAMBDA}},
+        "6": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 8,
+                                                         "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 1]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": f"repro/pag{pag_scale}"}},
+    }
+    if pag_scale:
+        prompt["4"] = {"class_type": "GuidancePerturbedAttention",
+                       "inputs": {"model": ["1", 0], "scale": pag_scale, "adaptive_scale": 0.0, "layers": "auto",
+                                  "sigma_start": 10000.0, "sigma_end": 0.0, "batched": True}}
+        model = ["4", 0]
+    prompt["7"] = {"class_type": "SamplerCustom",
+                   "inputs": {"model": model, "add_noise": True, "noise_seed": 3, "cfg": 1.0, "positive": ["2", 0],
+                              "negative": ["2", 1], "sampler": ["5", 0], "sigmas": ["6", 0],
+                              "latent_image": ["3", 0]}}
+    return prompt
+
+
+def test_pag_under_cfgpp_through_the_server(comfy_server):
+    """The reported graph: PAG before SamplerCustom with the CFG++ Sampler changes the images, more as the scale
+    grows, instead of giving the images of the same graph without PAG."""
+    images = {}
+    for scale in (0.0, 0.5, 3.0):
+        entry = comfy_server.run_prompt(reference_cfgpp_prompt(scale))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        [images[scale]] = saved_images(comfy_server, entry).values()
+    weak, strong = (np.abs(images[s] - images[0.0]).mean() for s in (0.5, 3.0))
+    assert 0.002 < weak < strong
 
 
 def composition_table() -> str:
