@@ -3,7 +3,9 @@
 from comfy_api.latest import io
 
 from ..guiders.cfgpp import DEFAULT_GUIDANCE, MAX_GUIDANCE, MIN_GUIDANCE, SAMPLERS
-from .cfgpp_patch import INVERSION_NODE_ID, SAMPLE_BACK_NODE_ID, SAMPLER_NODE_ID, cfgpp_sampler, invert, sample_back
+from .cfgpp_patch import (INVERSION_NODE_ID, NODE_NAMES, SAMPLE_BACK_NODE_ID, SAMPLER_NODE_ID, cfgpp_sampler, invert,
+                          sample_back)
+from .validation import check_widgets
 
 CATEGORY = "sampling/guidance"
 LAMBDA_TOOLTIP = (
@@ -15,6 +17,9 @@ LAMBDA_TOOLTIP = (
 
 
 def lambda_input() -> io.Float.Input:
+    # Frontend 1.32.9 ignores an input's display_name: it labels the widget and socket with the i18n entry
+    # nodeDefs.<node>.inputs.guidance.name, which locales/en/nodeDefs.json sets to "lambda". The input keeps the name
+    # "guidance", so saved UI and API workflows stay valid.
     return io.Float.Input("guidance", display_name="lambda", default=DEFAULT_GUIDANCE, min=MIN_GUIDANCE,
                           max=MAX_GUIDANCE, step=0.01, tooltip=LAMBDA_TOOLTIP)
 
@@ -28,12 +33,20 @@ def conditioning_inputs(positive_tooltip: str) -> list:
     ]
 
 
-class CFGppSampler(io.ComfyNode):
+class CFGppNode(io.ComfyNode):
+    """The CFG++ nodes' queue-time check: every widget value in range (NaN and inf refused), a listed sampler."""
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
+
+
+class CFGppSampler(CFGppNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=SAMPLER_NODE_ID,
-            display_name="CFG++ Sampler",
+            display_name=NODE_NAMES[SAMPLER_NODE_ID],
             category=CATEGORY,
             description=(
                 "CFG++ (Chung et al., ICLR 2025): denoises with the guided prediction but renoises with the "
@@ -58,12 +71,12 @@ class CFGppSampler(io.ComfyNode):
         return io.NodeOutput(cfgpp_sampler(sampler_name, guidance))
 
 
-class CFGppDDIMInversion(io.ComfyNode):
+class CFGppDDIMInversion(CFGppNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=INVERSION_NODE_ID,
-            display_name="CFG++ DDIM Inversion",
+            display_name=NODE_NAMES[INVERSION_NODE_ID],
             category=CATEGORY,
             description=(
                 "Inverts an image latent to the noise that CFG++ DDIM turns back into it: DDIM from low to high "
@@ -87,12 +100,12 @@ class CFGppDDIMInversion(io.ComfyNode):
         return io.NodeOutput(invert(model, positive, negative, latent_image, sigmas, guidance))
 
 
-class CFGppDDIMSampleFromInversion(io.ComfyNode):
+class CFGppDDIMSampleFromInversion(CFGppNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=SAMPLE_BACK_NODE_ID,
-            display_name="CFG++ DDIM Sample From Inversion",
+            display_name=NODE_NAMES[SAMPLE_BACK_NODE_ID],
             category=CATEGORY,
             description=(
                 "CFG++ DDIM sampling that starts from an inverted latent as it is (no noise added). With the "

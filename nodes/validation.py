@@ -22,14 +22,16 @@ def widget_problems(schema: io.Schema, values: dict) -> list[str]:
         if spec.id not in values or values[spec.id] is None:
             continue
         value = values[spec.id]
+        # the label the user sees, and the name an API prompt uses where the two differ (CFG++'s lambda)
+        name = spec.id if spec.display_name in (None, spec.id) else f"{spec.display_name} ({spec.id})"
         if isinstance(spec, (io.Float.Input, io.Int.Input)):
             bounds = f"between {spec.min:g} and {spec.max:g}" if spec.min is not None and spec.max is not None else ""
             if not math.isfinite(value):
-                problems.append(f"{spec.id} is {value}: enter a finite number {bounds} (default {spec.default:g})")
+                problems.append(f"{name} is {value}: enter a finite number {bounds} (default {spec.default:g})")
             elif spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
-                problems.append(f"{spec.id} is {value:g}: enter a number {bounds} (default {spec.default:g})")
+                problems.append(f"{name} is {value:g}: enter a number {bounds} (default {spec.default:g})")
         elif isinstance(spec, io.Combo.Input) and value not in spec.options:
-            problems.append(f"{spec.id} is {value!r}: choose one of {', '.join(map(str, spec.options))}")
+            problems.append(f"{name} is {value!r}: choose one of {', '.join(map(str, spec.options))}")
     return problems
 
 

@@ -69,6 +69,19 @@ if [ ! -f "$stamp" ] || ! cmp -s "$reqs" "$stamp"; then
   cp "$reqs" "$stamp"
 fi
 
+# The browser test (tests/test_frontend_browser.py) drives Debian's Chromium through Debian's chromedriver with
+# selenium, pointed at both, so that nothing downloads a browser or a driver.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  log "installing chromium and chromium-driver (apt-get)"
+  sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
+fi
+if ! "$PY" -c "import selenium" 2>/dev/null; then
+  log "installing selenium"
+  $PIP install selenium
+fi
+
 "$PY" -c "import torch, torchvision, av; print('[setup_host] torch', torch.__version__, 'torchvision', torchvision.__version__)" >&2
 echo "VENV=$VENV"
 echo "COMFYUI=$COMFYUI"

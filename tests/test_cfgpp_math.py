@@ -9,7 +9,9 @@ import torch
 from comfyui_guidance.guiders import cfgpp
 from comfyui_guidance.guiders.cfgpp import Denoised, SigmaSpace
 
-from cfgpp_reference import ddim_cfgpp_inversion_step, ddim_cfgpp_step, noise_prediction, paper_coefficients
+import cfgpp_reference
+from cfgpp_reference import (ddim_cfgpp_inversion_step, ddim_cfgpp_step, flow_cfgpp_inversion_step, noise_prediction,
+                             paper_coefficients)
 
 SPACES = {"eps_v": SigmaSpace(flow=False), "flow": SigmaSpace(flow=True)}
 SAMPLERS = ["ddim", "euler_ancestral", "dpmpp_2m", "dpmpp_2s_ancestral"]
@@ -34,6 +36,20 @@ class GaussianData:
     def __call__(self, x, sigma, **extra_args):
         return Denoised(self._denoise(x, sigma, self.mean_cond, self.std_cond),
                         self._denoise(x, sigma, self.mean_uncond, self.std_uncond))
+
+    def conditional(self, x, sigma, **extra_args):
+        """The conditional distribution's denoiser as both predictions: sampling it at any λ is unguided."""
+        cond = self._denoise(x, sigma, self.mean_cond, self.std_cond)
+        return Denoised(cond, cond)
+
+    def conditional_ode_solution(self, x, sigma, sigma_next):
+        """The probability-flow ODE of the conditional data from (x, σ) to σ' in closed form: in VE form y = x/α,
+        ρ = σ/α it is dy/dρ = (y − D)/ρ, solved by y − μ ∝ √(s² + ρ²)."""
+        alpha, alpha_next = self.space.alpha(sigma), self.space.alpha(sigma_next)
+        rho, rho_next = sigma / alpha, sigma_next / alpha_next
+        spread = ((self.std_cond**2 + rho_next**2) / (self.std_cond**2 + rho**2)).sqrt()
+        mean = self.mean_cond.to(x.dtype)
+        return alpha_next * (mean + (x / alpha - mean) * spread)
 
     def start(self, sigma, batch=3, seed=1):
         g = torch.Generator().manual_seed(seed)
@@ -85,27 +101,59 @@ def test_ddim_matches_float64_paper_algorithm(space):
             guided = cfgpp.guided(pred, 0.6)
             z = a_next * guided + s_next * (z - a * pred.uncond) / s
             continue
-        eps_cond, eps_uncond = (noise_prediction(z, d, a, s) for d in pred)
+        eps_cond, eps_uncond = (noise_prediction(z, d, a, s) for d in pred[:2])
         z = ddim_cfgpp_step(z, eps_cond, eps_uncond, 0.6, a, s, a_next, s_next)
     assert rel_err(ours, z) < 1e-5
 
 
-def test_inversion_matches_float64_official_step():
-    """invert_ddim (eps/v form) against the official `ddim_inversion_cfg++` in float64, the network seeing z_{t−1}
-    at time t."""
-    space = SPACES["eps_v"]
+@pytest.mark.parametrize("space", SPACES.values(), ids=SPACES)
+def test_inversion_matches_float64_reference_step(space):
+    """invert_ddim against the official `ddim_inversion_cfg++` step (eps/v) or its flow form with the velocities
+    held (up to σ = 1) in float64, the network seeing z_{t−1} at time t."""
     model = GaussianData(space)
     walk = cfgpp.sampling_sigmas_for_inversion(schedule(space, 12))
     x0 = model.mean_cond + 0.4 * torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
     ours = cfgpp.invert_ddim(model, x0, walk, disable=True, guidance=0.6, space=space)
     z = x0.double()
     for sigma, sigma_next in zip(walk[:-1].tolist(), walk[1:].tolist()):
-        a, s, _ = paper_coefficients(sigma, False)
-        a_next, s_next, to_paper_next = paper_coefficients(sigma_next, False)
+        a, s, _ = paper_coefficients(sigma, space.flow)
+        a_next, s_next, to_paper_next = paper_coefficients(sigma_next, space.flow)
         pred = model(z / to_paper_next, torch.tensor([sigma_next], dtype=torch.float64))  # network input z
-        eps_cond, eps_uncond = (noise_prediction(z, d, a_next, s_next) for d in pred)
-        z = ddim_cfgpp_inversion_step(z, eps_cond, eps_uncond, 0.6, a, s, a_next, s_next)
-    assert rel_err(ours, z / paper_coefficients(walk[-1], False)[2]) < 1e-5
+        eps_cond, eps_uncond = (noise_prediction(z, d, a_next, s_next) for d in pred[:2])
+        if space.flow:
+            z = flow_cfgpp_inversion_step(z, eps_cond - pred.cond, eps_uncond - pred.uncond, 0.6, a, s, a_next, s_next)
+        else:
+            z = ddim_cfgpp_inversion_step(z, eps_cond, eps_uncond, 0.6, a, s, a_next, s_next)
+    assert rel_err(ours, z / paper_coefficients(walk[-1], space.flow)[2]) < 1e-5
+
+
+def paper_predictions(model, flow):
+    """`model` as the reference samplers call it: data predictions in float64 at the paper's state z and (a, s)."""
+
+    def predict(z, a, s):
+        x, sigma = cfgpp_reference.comfyui_state(z, a, s, flow)
+        return model(x, torch.tensor([sigma], dtype=torch.float64))[:2]
+
+    return predict
+
+
+@pytest.mark.parametrize("space", SPACES.values(), ids=SPACES)
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_matches_float64_dpm_solver_reference(name, space):
+    """Each sampler in float64 against DDIM / DPM-Solver++ with CFG++'s split in the paper's variables, λ = 0.6,
+    ancestral ones at η = 1 with the same noises: every factor α' of a flow model's update counts (for eps/v α' = 1),
+    and 2M's multistep term is live from the third flow step on (its second step follows one from σ = 1)."""
+    model = GaussianData(space)
+    sigmas = schedule(space, 6).double()
+    x = model.start(float(sigmas[0])).double()
+    draw = seeded_noise(x)
+    noises = [draw(sigma, sigma_next) for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:])]
+    options = {"eta": 1.0, "noise_sampler": seeded_noise(x)} if name in cfgpp.ANCESTRAL else {}
+    ours = sample(name, model, x, sigmas, space, guidance=0.6, **options)
+    z = x * paper_coefficients(sigmas[0], space.flow)[2]
+    want = cfgpp_reference.sample(name, paper_predictions(model, space.flow), z, sigmas.tolist(), 0.6, space.flow,
+                                  noises=noises)
+    assert rel_err(ours, want) < 1e-10
 
 
 @pytest.mark.parametrize("space", SPACES.values(), ids=SPACES)
@@ -212,6 +260,33 @@ def test_flow_sampling_from_sigma_one_is_finite(name):
     for eta in (0.0, 1.0):
         options = {"eta": eta, "noise_sampler": seeded_noise(model.start(1.0))} if name in cfgpp.ANCESTRAL else {}
         assert torch.isfinite(sample(name, model, model.start(1.0), sigmas, space, guidance=0.7, **options)).all()
+
+
+def log_snr_schedule(space, steps, start, end):
+    """Sigmas from `start` to `end` (both above 0) uniform in log(α/σ), the time the solvers' orders refer to."""
+    fraction = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    start, end = torch.tensor([start, end], dtype=torch.float64)
+    if space.flow:  # log(α/σ) = logit(1 − σ)
+        return (torch.logit(1 - start) + fraction * (torch.logit(1 - end) - torch.logit(1 - start))).neg().sigmoid()
+    return (start.log() + fraction * (end.log() - start.log())).exp()
+
+
+@pytest.mark.parametrize("space", SPACES.values(), ids=SPACES)
+@pytest.mark.parametrize("name,order", [("ddim", 1), ("dpmpp_2m", 2), ("dpmpp_2s_ancestral", 2)])
+def test_observed_order_on_the_exact_ode_solution(space, name, order):
+    """On Gaussian data the probability-flow ODE has a closed-form solution; from N to 2N steps the error of an
+    order-p sampler falls by 2^p. λ = 0 (a fixed λ adds α'λ(D_c − D_u) per step and has no step-size limit), so
+    this pins the solvers themselves: a multistep term wrong by a factor (e.g. without α' on flow) is first order."""
+    model = GaussianData(space)
+    start = 0.95 if space.flow else 14.6
+    errors = []
+    for steps in (32, 64):
+        sigmas = log_snr_schedule(space, steps, start, 0.05)
+        x = model.start(start).double()
+        exact = model.conditional_ode_solution(x, sigmas[0], sigmas[-1])
+        options = {"eta": 0.0} if name in cfgpp.ANCESTRAL else {}
+        errors.append(rel_err(sample(name, model.conditional, x, sigmas, space, guidance=0.0, **options), exact))
+    assert math.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.2)
 
 
 @pytest.mark.parametrize("space", SPACES.values(), ids=SPACES)

@@ -1,10 +1,13 @@
 """The CFG++ example workflows (the shipped graphs themselves run in test_e2e_server.py): real-world settings of the
-text-to-image comparison and of the inversion editing graph, and the server's check of lambda's range."""
+text-to-image comparison and of the inversion editing graph, and the server's checks of the CFG++ inputs."""
 
 import copy
 import json
+import math
 
-from test_e2e_server import WORKFLOWS, load, nodes_of, shrunk, upstream
+import pytest
+
+from test_e2e_server import API_DIR, WORKFLOWS, load, nodes_of, shrunk, upstream
 
 from comfyui_guidance.guiders.cfgpp import DEFAULT_GUIDANCE
 
@@ -18,7 +21,7 @@ def by_id(prompt, node_ref):
 
 def check_common(name):
     """SD1.5 at 512 px, one shared DDIM schedule and fixed noise seed; returns the API prompt."""
-    prompt = load(WORKFLOWS / f"{name}_api.json")
+    prompt = load(API_DIR / f"{name}.json")
     [loader] = nodes_of(prompt, "CheckpointLoaderSimple").values()
     assert loader["inputs"]["ckpt_name"] == SD15
     [latent] = nodes_of(prompt, "EmptyLatentImage").values()
@@ -75,15 +78,22 @@ def test_editing_graph_settings():
     assert saves == ["cfgpp_edit_sd15/edit", "cfgpp_edit_sd15/source"]
 
 
-def test_lambda_out_of_range_is_refused(comfy_server):
-    """lambda = 1.5 is refused by /prompt with a node error naming the input (the paper's range is [0, 1])."""
-    prompt = shrunk(load(WORKFLOWS / "cfgpp_sd15_api.json"))
+@pytest.mark.parametrize("changes, problem", [
+    ({"guidance": 1.5}, "lambda (guidance) is 1.5: enter a number between 0 and 1"),
+    ({"guidance": math.nan}, "lambda (guidance) is nan: enter a finite number between 0 and 1"),
+    ({"sampler_name": "dpmpp_3m_sde"}, "sampler_name is 'dpmpp_3m_sde': choose one of ddim, "),
+], ids=["lambda_1.5", "lambda_nan", "unknown_sampler"])
+def test_bad_cfgpp_value_is_refused(comfy_server, changes, problem):
+    """A lambda outside [0, 1] (the paper's range), NaN or a sampler not in the list is refused by /prompt (400)
+    with a node error that names the node and the input."""
+    prompt = shrunk(load(API_DIR / "cfgpp_sd15.json"))
     [sampler_id] = nodes_of(prompt, "CFGppSampler")
     [save_id] = [i for i, n in nodes_of(prompt, "SaveImage").items()
                  if n["inputs"]["filename_prefix"].endswith("/cfgpp")]
     bad = copy.deepcopy(prompt)
-    bad[sampler_id]["inputs"]["guidance"] = 1.5
+    bad[sampler_id]["inputs"].update(changes)
     status, body = comfy_server.request("/prompt", {"prompt": upstream(bad, save_id)})
     assert status == 400
-    [error] = json.loads(body)["node_errors"][sampler_id]["errors"]
-    assert error["type"] == "value_bigger_than_max" and error["extra_info"]["input_name"] == "guidance"
+    errors = json.loads(body)["node_errors"][sampler_id]["errors"]
+    assert {e["type"] for e in errors} == {"custom_validation_failed"}
+    assert f"CFG++ Sampler: {problem}" in errors[0]["details"]

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The UI workflows are ComfyUI's templates of the pack (it lists every .json at the top of the folder); each one's
+# API-format twin, same file name, is in api/, which the template browser does not list.
 WORKFLOWS = pathlib.Path(__file__).resolve().parent.parent / "workflows"
-API_WORKFLOWS = sorted(WORKFLOWS.glob("*_api.json"))
-UI_WORKFLOWS = sorted(set(WORKFLOWS.glob("*.json")) - set(API_WORKFLOWS))
+API_DIR = WORKFLOWS / "api"
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
+API_WORKFLOWS = sorted(API_DIR.glob("*.json"))
 APG = "AdaptiveProjectedGuidance"
 # CPU budget: the shipped graphs run at most at this size and step count; everything else stays as shipped.
 TEST_SIZE = 64
@@ -111,7 +114,7 @@ def test_out_of_range_value_is_refused(comfy_server):
     ComfyUI refuses a prompt only when no output survives validation: in the comparison graph the CFG half stays
     valid, so that graph is queued (200) with the APG error in node_errors and only the CFG image is made.
     """
-    prompt = shrunk(load(WORKFLOWS / "apg_sd15_api.json"))
+    prompt = shrunk(load(API_DIR / "apg_sd15.json"))
     [apg_id] = nodes_of(prompt, APG)
     [apg_save] = [i for i, n in nodes_of(prompt, "SaveImage").items()
                   if n["inputs"]["filename_prefix"].endswith("/apg")]
@@ -122,9 +125,12 @@ def test_out_of_range_value_is_refused(comfy_server):
     assert status == 400
     reply = json.loads(body)
     assert reply["error"]["type"] == "prompt_outputs_failed_validation"
-    [error] = reply["node_errors"][apg_id]["errors"]  # the top-level details name only the outputs' own errors
-    assert error["type"] == "value_bigger_than_max" and error["details"] == "eta"
-    assert error["extra_info"]["input_name"] == "eta" and error["extra_info"]["received_value"] == 5.0
+    # the top-level details name only the outputs' own errors; ComfyUI repeats a node's own validation message for
+    # each widget input that the node validates itself
+    errors = reply["node_errors"][apg_id]["errors"]
+    assert {e["type"] for e in errors} == {"custom_validation_failed"} and "eta" in {e["extra_info"]["input_name"]
+                                                                                    for e in errors}
+    assert "Adaptive Projected Guidance (APG): eta is 5: enter a number between 0 and 1" in errors[0]["details"]
 
     status, body = comfy_server.request("/prompt", {"prompt": bad})
     assert status == 200
@@ -135,8 +141,11 @@ def test_out_of_range_value_is_refused(comfy_server):
 
 
 def test_example_workflows_are_served(comfy_server):
-    """ComfyUI's template browser lists the UI workflows under the pack and serves them unchanged."""
+    """ComfyUI's template browser lists exactly the UI workflows under the pack (no API-format ones, which it could
+    not open) and serves each unchanged, with its thumbnail."""
     listed = comfy_server.get("/api/workflow_templates")["comfyui_guidance"]
+    assert sorted(listed) == [path.stem for path in UI_WORKFLOWS]
     for path in UI_WORKFLOWS:
-        assert path.stem in listed
         assert comfy_server.get(f"/api/workflow_templates/comfyui_guidance/{path.name}") == load(path)
+        status, body = comfy_server.request(f"/api/workflow_templates/comfyui_guidance/{path.stem}.jpg")
+        assert status == 200 and Image.open(io.BytesIO(body)).format == "JPEG", path.stem

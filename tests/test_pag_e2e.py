@@ -2,7 +2,7 @@
 CFG-vs-PAG comparison, and a server run that names a layer the model lacks fails with the layers it has."""
 
 import pytest
-from test_e2e_server import WORKFLOWS, load, nodes_of, shrunk, upstream
+from test_e2e_server import API_DIR, WORKFLOWS, load, nodes_of, shrunk, upstream
 
 PAG = "GuidancePerturbedAttention"
 # What each PAG workflow must look like: checkpoint, latent node, image size, cfg, images it saves.
@@ -29,7 +29,7 @@ def test_pag_comparison_settings(name):
     """CFG vs PAG (and PAG + APG) on the same checkpoint, prompts, latent, seed and sampler settings at the family's
     native resolution; PAG with the paper's settings; the UI twin fixes the seed."""
     ckpt, latent_node, size, cfg, labels = PAG_COMPARISONS[name]
-    prompt = load(WORKFLOWS / f"{name}_api.json")
+    prompt = load(API_DIR / f"{name}.json")
     [loader] = nodes_of(prompt, "CheckpointLoaderSimple").values()
     assert loader["inputs"]["ckpt_name"] == ckpt
     [latent] = nodes_of(prompt, latent_node).values()
@@ -55,7 +55,7 @@ def test_pag_comparison_settings(name):
 def test_unknown_layer_fails_naming_the_models_layers(comfy_server):
     """The layer check needs the loaded model, so it runs when the node executes: the run fails with an error that
     names the node, the missing layer and the layers the checkpoint has."""
-    prompt = shrunk(load(WORKFLOWS / "pag_sd15_api.json"))
+    prompt = shrunk(load(API_DIR / "pag_sd15.json"))
     [pag_id] = nodes_of(prompt, PAG)
     [save_id] = [i for i, n in nodes_of(prompt, "SaveImage").items() if n["inputs"]["filename_prefix"].endswith("/pag")]
     prompt[pag_id]["inputs"]["layers"] = "middle.0, output.30"

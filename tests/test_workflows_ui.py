@@ -3,7 +3,7 @@ value the running server accepts, equal to the shipped API workflow, with real-w
 comparison. Widget values are checked against the server's /object_info, in the order the frontend assigns them."""
 
 import pytest
-from test_e2e_server import API_WORKFLOWS, APG, UI_WORKFLOWS, WORKFLOWS, load
+from test_e2e_server import API_DIR, API_WORKFLOWS, APG, UI_WORKFLOWS, WORKFLOWS, load
 
 # The frontend makes widgets of these input types (a list is a combo) and a socket of anything else.
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -21,7 +21,8 @@ def object_info(comfy_server):
 
 
 def test_every_ui_workflow_has_an_api_twin():
-    assert {p.stem + "_api" for p in UI_WORKFLOWS} <= {p.stem for p in API_WORKFLOWS}
+    """The UI and API folders hold the same workflows, by file name."""
+    assert [p.name for p in UI_WORKFLOWS] == [p.name for p in API_WORKFLOWS]
     assert set(APG_COMPARISONS) <= {p.stem for p in UI_WORKFLOWS}
 
 
@@ -80,7 +81,7 @@ def to_api(workflow, object_info):
                 _, origin, slot, *_ = links[socket["link"]]
                 inputs[socket["name"]] = [str(origin), slot]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
-                                   "_meta": {"title": node.get("title", node_def["display_name"])}}
+                                   "_meta": {"title": node.get("title", node_def["display_name"] or node["type"])}}
     return prompt
 
 
@@ -138,7 +139,7 @@ def test_graph_is_consistent(workflow, object_info):
 def test_ui_and_api_workflows_agree(workflow, object_info):
     """The shipped API workflow is exactly what the frontend queues for the shipped UI workflow."""
     name, graph = workflow
-    assert to_api(graph, object_info) == load(WORKFLOWS / f"{name}_api.json")
+    assert to_api(graph, object_info) == load(API_DIR / f"{name}.json")
 
 
 @pytest.mark.parametrize("name", sorted(APG_COMPARISONS))
@@ -146,7 +147,7 @@ def test_apg_comparison_settings(name):
     """CFG vs APG on the same model, prompts, latent and sampler settings, at the family's native resolution."""
     ckpt, size, cfg = APG_COMPARISONS[name]
     graph = load(WORKFLOWS / f"{name}.json")
-    prompt = load(WORKFLOWS / f"{name}_api.json")
+    prompt = load(API_DIR / f"{name}.json")
     by_type = {}
     for node_id, node in prompt.items():
         by_type.setdefault(node["class_type"], {})[node_id] = node["inputs"]

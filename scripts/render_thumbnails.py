@@ -1,0 +1,92 @@
+"""Renders the template browser's thumbnails: `workflows/<name>.jpg` beside each UI workflow, from that workflow's
+own output. One command, in the host that scripts/setup_host.sh builds:
+
+    bash scripts/render_thumbnails.sh
+
+Each API-format twin (`workflows/api/<name>.json`) is queued on a real ComfyUI server with this pack. The reference
+model's workflow runs as shipped (32x32, trained weights: real images); the SD workflows run on the tests' slim
+random-weight checkpoints at the tests' CPU size and step count (tests/test_e2e_server.py `shrunk`), so their images
+are noise-like but still what the graph makes. The thumbnail has one row per Save Image node, in node order.
+"""
+
+import argparse
+import io
+import json
+import pathlib
+import sys
+import tempfile
+
+from PIL import Image
+
+from comfy_server import COMFY_ARGS, ComfyServer, link_pack
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / "workflows"
+THUMBNAIL_SIZE = 256
+MAX_COLUMNS = 5
+BACKGROUND = (24, 24, 24)
+
+
+def write_fixture_checkpoints(comfyui: pathlib.Path, models: pathlib.Path):
+    """The tests' slim checkpoints (tests/slim_models.py, which needs ComfyUI imported as main.py does)."""
+    sys.path[:0] = [str(comfyui), str(REPO / "tests")]
+    sys.argv = ["main.py", *COMFY_ARGS]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import utils.extra_config  # noqa: F401  (before `nodes`, as in tests/conftest.py)
+    import slim_models
+
+    slim_models.write_checkpoints(models)
+
+
+def thumbnail(rows: list[list[Image.Image]]) -> Image.Image:
+    """The rows' first MAX_COLUMNS images tiled, scaled to fill the square's width or height and centred on it
+    (pixel-sharp: scaled up by a whole factor, then down)."""
+    rows = [row[:MAX_COLUMNS] for row in rows]
+    w, h = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    sheet = Image.new("RGB", (w * columns, h * len(rows)), BACKGROUND)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            sheet.paste(image, (c * w, r * h))
+    zoom = -(-THUMBNAIL_SIZE // max(sheet.size))
+    sheet = sheet.resize((sheet.width * zoom, sheet.height * zoom), Image.NEAREST)
+    sheet.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.LANCZOS)
+    square = Image.new("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), BACKGROUND)
+    square.paste(sheet, ((THUMBNAIL_SIZE - sheet.width) // 2, (THUMBNAIL_SIZE - sheet.height) // 2))
+    return square
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--comfyui", required=True, help="ComfyUI folder (scripts/setup_host.sh prints it)")
+    args = parser.parse_args()
+    comfyui = pathlib.Path(args.comfyui)
+    with tempfile.TemporaryDirectory(prefix="guidance-thumbnails-") as base:
+        base = pathlib.Path(base)
+        link_pack(base / "custom_nodes")
+        write_fixture_checkpoints(comfyui, base / "models")
+        from test_e2e_server import shrunk
+
+        server = ComfyServer(base, comfyui)
+        try:
+            server.start()
+            for api in sorted((WORKFLOWS / "api").glob("*.json")):
+                prompt = json.loads(api.read_text())
+                if any(n["class_type"] == "CheckpointLoaderSimple" for n in prompt.values()):
+                    prompt = shrunk(prompt)
+                entry = server.run_prompt(prompt, timeout_s=1800)
+                if entry["status"].get("status_str") != "success":
+                    sys.exit(f"{api.name} failed: {json.dumps(entry['status'])[:2000]}")
+                rows = [[Image.open(io.BytesIO(server.view(image))).convert("RGB") for image in output["images"]]
+                        for _, output in sorted(entry["outputs"].items(), key=lambda item: int(item[0]))]
+                target = WORKFLOWS / f"{api.stem}.jpg"
+                thumbnail(rows).save(target, quality=85, optimize=True)
+                print(f"wrote {target.relative_to(REPO)}")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
