@@ -12,6 +12,8 @@ composition test). CFG++ forms the guided prediction D_λ from the raw predictio
   s (D_c − D̂)), are carried into D_λ (`cfgpp.guided` says why that is where they belong);
 - a CFG function (RescaleCFG, ...) or any other post-CFG patch (CFGNorm, CFGZeroStar, ...) acts on the CFG result at
   cfg 1, where it sees the conditional prediction instead of D_λ, so CFG++ would drop or distort it: refused;
+- Adaptive Guidance / LinearAG are refused: they drop the unconditional pass once CFG's step at the guider's cfg
+  agrees with the conditional one, which under CFG++ (cfg 1) is at once, and CFG++ renoises with that pass;
 - APG is refused: CFG++ interpolates (λ ≤ 1) and renoises with the unconditional prediction, while APG reshapes
   the extrapolation beyond D_c at w > 1; at w = λ < 1 its update moves D_λ away from D_u, so λ = 0 would no longer
   sample unconditionally, and neither paper defines the combination.
@@ -33,6 +35,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..guiders import cfgpp
+from .adaptive_patch import AGHook
 from .apg_patch import APGHook
 
 SAMPLER_NODE_ID = "CFGppSampler"
@@ -62,6 +65,10 @@ def refused_patches(model_options: dict):
         yield (patch_owner(model_options["sampler_cfg_function"]), "replaces ComfyUI's CFG step with a CFG function, "
                "which CFG++ bypasses: it combines the raw predictions itself")
     for hook in model_options.get("sampler_pre_cfg_function", []):
+        if isinstance(getattr(hook, "__self__", None), AGHook):
+            yield (hook.__self__.node_name, "decides when to drop the unconditional pass from CFG's step at the "
+                   "guider's cfg, which is 1 under CFG++ (so it would drop it at once), while CFG++ needs the "
+                   "unconditional prediction of every step to renoise with")
         if isinstance(hook, APGHook):
             yield (hook.node_name, "reshapes CFG's extrapolation beyond the conditional prediction (w > 1), while "
                    "CFG++ interpolates (lambda <= 1) and renoises with the unconditional prediction; at lambda < 1, "

@@ -4,6 +4,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .adaptive import AdaptiveGuidance, FitLinearAG, LinearAG
 from .apg import AdaptiveProjectedGuidance
 from .cfgpp import CFGppDDIMInversion, CFGppDDIMSampleFromInversion, CFGppSampler
 from .pag import PerturbedAttentionGuidance
@@ -14,4 +15,5 @@ class GuidanceExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [AdaptiveProjectedGuidance, ReferenceModelLoader, ReferenceClassConditioning, EmptyReferenceLatent,
-                PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion]
+                PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion,
+                AdaptiveGuidance, LinearAG, FitLinearAG]

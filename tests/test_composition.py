@@ -103,6 +103,25 @@ def cfg_zero_star_post(step, uncond, out):
     return out + (1 - CFG) * (scale - 1) * uncond
 
 
+AG_THRESHOLD = 0.991  # the default; on the slim SD1.5 model at cfg 6 the two images switch at different calls
+
+
+def ag_pre(steps, unconds):
+    """Adaptive Guidance (Castillo et al., arXiv:2312.12487; guiders/adaptive.py) in float64 as a pre-CFG patch: per
+    image, once cos(D_c, D_cfg) of the raw predictions reaches γ̄ at a step, every later step hands CFG D_c as
+    the unconditional prediction (a conditional-only step, whose unconditional pass is not computed). It runs last
+    among the pre-CFG patches, so APG acts on the guided steps only."""
+    switched = torch.zeros(steps[0].x.shape[0], dtype=torch.bool)
+    out = []
+    for step, uncond in zip(steps, unconds):
+        out.append(torch.where(switched.view(-1, 1, 1, 1), step.cond, uncond))
+        d_c = step.cond.flatten(1)
+        d_g = (step.uncond + CFG * (step.cond - step.uncond)).flatten(1)
+        gamma = (d_c * d_g).sum(1) / (d_c.norm(dim=1) * d_g.norm(dim=1))
+        switched = switched | (gamma >= AG_THRESHOLD)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Patch:
     """A model-patch node of the matrix: how to apply it, and its float64 reference at the place where it acts."""
@@ -111,6 +130,7 @@ class Patch:
     pre: object = None  # (steps, unconds) -> unconds
     cfg: object = None  # (step, uncond) -> guided
     post: object = None  # (step, uncond, guided) -> guided
+    pre_last: bool = False  # its pre-CFG stage runs after every other one, whatever the order the nodes were applied
 
 
 def core_node(node_id, **inputs):
@@ -128,15 +148,17 @@ PATCHES = {
     "RescaleCFG": Patch(core_node("RescaleCFG", multiplier=RESCALE_MULTIPLIER), cfg=rescale_cfg_step),
     "CFGNorm": Patch(core_node("CFGNorm", strength=CFG_NORM_STRENGTH), post=cfg_norm_post),
     "CFGZeroStar": Patch(core_node("CFGZeroStar"), post=cfg_zero_star_post),
+    "AG": Patch(core_node("GuidanceAdaptiveGuidance", threshold=AG_THRESHOLD, criterion="cond_cfg"), pre=ag_pre,
+                pre_last=True),
 }
-OURS = ("APG", "PAG")
+OURS = ("APG", "PAG", "AG")
 PATCH_PAIRS = [(a, b) for a in PATCHES for b in PATCHES if a in OURS or b in OURS]
 # The patches whose effect CFG++ carries; every other one is refused, naming both nodes.
 CFGPP = "CFG++ Sampler"
 CARRIED_BY_CFGPP = {"PAG"}
 # The names that a refusal must carry for each node (what the user sees on the node).
 SHOWN_NAMES = {"APG": "Adaptive Projected Guidance (APG)", "PAG": "Perturbed-Attention Guidance (PAG)",
-               "RescaleCFG": "RescaleCFG", "CFGNorm": "CFGNorm", "CFGZeroStar": "CFGZeroStar", CFGPP: CFGPP}
+               "RescaleCFG": "RescaleCFG", "CFGNorm": "CFGNorm", "CFGZeroStar": "CFGZeroStar", "AG": "Adaptive Guidance (AG)", CFGPP: CFGPP}
 
 
 class StepSpy(Spy):
@@ -152,14 +174,16 @@ class StepSpy(Spy):
 
 
 def recorded_steps(spy):
-    return [Step(x.double(), float(sigma[0]), c.double(), u.double(), p.double())
-            for x, sigma, (c, u), p in zip(spy.inputs, spy.sigmas, spy.raw, spy.perturbed)]
+    """The steps of a run; the unconditional prediction is an unpatched call's at the same state (the raw one where
+    no patch leaves it out of the model call, as Adaptive Guidance does once an image switches)."""
+    return [Step(x.double(), float(sigma[0]), c.double(), plain[1].double(), p.double())
+            for x, sigma, (c, u), plain, p in zip(spy.inputs, spy.sigmas, spy.raw, spy.plain, spy.perturbed)]
 
 
 def reference_of_stack(names, steps):
     """The float64 result of each step of the patches `names`, applied to the model in that order."""
     unconds = [s.uncond for s in steps]
-    for name in names:
+    for name in sorted(names, key=lambda n: PATCHES[n].pre_last):  # stable: the others keep their order
         if PATCHES[name].pre is not None:
             unconds = PATCHES[name].pre(steps, unconds)
     cfg_stages = [PATCHES[n].cfg for n in names if PATCHES[n].cfg is not None]
