@@ -26,7 +26,9 @@ from test_e2e_server import API_DIR, TEST_STEPS, UI_WORKFLOWS, load, shrunk
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -130,6 +132,27 @@ class Frontend:
                          ".filter(e => e.getClientRects().length).map(e => e.className + ': ' + e.innerText)")
         return found
 
+    def reset(self):
+        """Closes what an earlier test left open (a dialog after a failure, say), so that one failure does not
+        cascade into the next tests: Escape first, a page reload if that does not do it."""
+        dialogs = "return document.querySelectorAll('.p-dialog').length"
+        if self.js(dialogs):
+            self.driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+            if settle(lambda: self.js(dialogs), lambda n: n == 0, timeout_s=5):
+                self.driver.get(self.server.url)
+                wait_for(lambda: self.js("return !!(window.app && app.graph && app.canvas)"), "the frontend")
+        self.problems()
+
+    def click(self, selector):
+        """Clicks the element that `selector` finds, finding it again if the page re-rendered it meanwhile."""
+        def clicked():
+            try:
+                self.driver.find_element(By.CSS_SELECTOR, selector).click()
+                return True
+            except (StaleElementReferenceException, ElementClickInterceptedException):
+                return False
+        wait_for(clicked, f"a click on {selector}")
+
     def open_file(self, path):
         """Load `path` as a user does with Open (the frontend's file input); wait until its nodes are on the graph."""
         expected = sorted([n["id"], n["type"]] for n in load(path)["nodes"])
@@ -156,7 +179,7 @@ class Frontend:
 
 
 @pytest.fixture(scope="module")
-def frontend(comfy_server):
+def browser(comfy_server):
     profile = tempfile.mkdtemp(prefix="guidance-chromium-")
     page = Frontend(comfy_server, profile)
     try:
@@ -166,28 +189,36 @@ def frontend(comfy_server):
         shutil.rmtree(profile, ignore_errors=True)
 
 
+@pytest.fixture
+def frontend(browser):
+    """The page, with nothing left open by an earlier test."""
+    browser.reset()
+    return browser
+
+
 def test_template_browser_lists_the_ui_workflows_with_thumbnails(frontend):
     """Templates -> Extensions -> the pack: one card per UI workflow (no API-format ones), each thumbnail loaded from
     the pack's folder; a card opens its workflow without complaint."""
     with frontend.screenshot_on_failure("template_browser"):
         frontend.problems()
         frontend.js("return app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        category = wait_for(lambda: [e for e in frontend.driver.find_elements(By.CSS_SELECTOR, ".p-dialog span")
-                                     if e.text.strip() == PACK], "the pack's template category")
-        category[0].click()
+        # the category's entry, clicked in the page: the dialog re-renders its list while it loads
+        wait_for(lambda: frontend.js("const e = [...document.querySelectorAll('.p-dialog span')]"
+                                     ".find(e => e.textContent.trim() === arguments[0]); if (e) e.click(); return !!e;",
+                                     PACK), "the pack's template category")
         names = sorted(p.stem for p in UI_WORKFLOWS)
-        # Thumbnails load as their cards scroll into view.
-        read_cards = lambda: frontend.js(  # noqa: E731
-            "return [...document.querySelectorAll('.p-dialog [data-testid^=\"template-workflow-\"]')].map(card => {"
-            "  card.scrollIntoView(); const img = card.querySelector('img');"
-            "  return [card.dataset.testid.slice('template-workflow-'.length), img && img.src,"
-            "          img && img.complete ? img.naturalWidth : 0]; })")
-        cards = settle(read_cards, lambda found: found and all(width for _, _, width in found))
-        assert sorted(name for name, _, _ in cards) == names
-        # The frontend shows a fetched thumbnail as a blob: URL, a missing one as its 224 px placeholder image.
+        listed = settle(lambda: frontend.js(
+            "return [...document.querySelectorAll('.p-dialog [data-testid^=\"template-workflow-\"]')]"
+            ".map(card => card.dataset.testid.slice('template-workflow-'.length))"), lambda found: len(found) >= len(names))
+        assert sorted(listed) == names
+        # A thumbnail loads while its card is in view (and may be dropped once it scrolls away): one card at a time.
+        read_card = ("const card = document.querySelector(`.p-dialog [data-testid=\"template-workflow-${arguments[0]}\"]`);"
+                     "card.scrollIntoView(); const img = card.querySelector('img');"
+                     "return [arguments[0], img && img.src, img && img.complete ? img.naturalWidth : 0];")
+        cards = [settle(lambda: frontend.js(read_card, name), lambda found: found[2]) for name in names]
         for name, src, width in cards:
-            assert src.startswith("blob:") and width == THUMBNAIL_PX, (name, src, width)
-        frontend.driver.find_element(By.CSS_SELECTOR, f'[data-testid="template-workflow-{RUN_WORKFLOW}"]').click()
+            assert src and src.startswith("blob:") and width == THUMBNAIL_PX, (name, src, width)
+        frontend.click(f'[data-testid="template-workflow-{RUN_WORKFLOW}"]')
         wait_for(lambda: not frontend.driver.find_elements(By.CSS_SELECTOR, ".p-dialog"), "the dialog to close")
         expected = sorted([n["id"], n["type"]] for n in load(API_DIR.parent / f"{RUN_WORKFLOW}.json")["nodes"])
         wait_for(lambda: sorted(frontend.js("return app.graph.nodes.map(n => [n.id, n.type])")) == expected,
@@ -257,7 +288,7 @@ def test_run_button_queues_the_workflow(frontend, comfy_server):
         frontend.js("app.graph.nodes.flatMap(n => n.widgets || []).filter(w => w.name === 'steps')"
                     ".forEach(w => { w.value = arguments[0]; })", TEST_STEPS)
         before = set(comfy_server.get("/history"))
-        frontend.driver.find_element(By.CSS_SELECTOR, ".comfyui-queue-button button").click()
+        frontend.click(".comfyui-queue-button button")
         [prompt_id] = wait_for(lambda: set(comfy_server.get("/history")) - before, "the queued prompt", 300)
         entry = wait_for(lambda: (e := comfy_server.get(f"/history/{prompt_id}")[prompt_id])["status"].get(
             "completed") is not None and e, "the run to finish", 300)
