@@ -1,8 +1,9 @@
 """The main job: a headless ComfyUI run of the APG workflow on the embedded reference model.
 
-Starts the real ComfyUI server with this pack in its custom_nodes, posts `workflows/api/reference_apg.json` (every
-class of the reference model, CFG and APG from the same seed) through the HTTP API, and writes a comparison image:
-one row per method, one column per class. Run it through scripts/demo.sh, which builds the host first.
+Starts the real ComfyUI server with this pack in its custom_nodes, posts
+`workflows/api/APG vs CFG (reference model).json` (every class of the reference model, CFG and APG from the same
+seed) through the HTTP API, and writes a comparison image: one row per method, one column per class. Run it
+through scripts/demo.sh, which builds the host first.
 """
 
 import argparse
@@ -17,8 +18,8 @@ from PIL import Image, ImageDraw
 from comfy_server import ComfyServer, link_pack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-WORKFLOW = REPO / "workflows" / "api" / "reference_apg.json"
-ROWS = {"reference_apg/cfg": "CFG", "reference_apg/apg": "APG"}
+WORKFLOW = REPO / "workflows" / "api" / "APG vs CFG (reference model).json"
+ROWS = {"APG vs CFG (reference model)/cfg": "CFG", "APG vs CFG (reference model)/apg": "APG"}
 ZOOM = 4
 LABEL_WIDTH = 48
 

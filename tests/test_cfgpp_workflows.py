@@ -37,9 +37,9 @@ def check_common(name):
 
 def test_text_to_image_comparison_settings():
     """CFG at the paper's 7.5 and CFG++ at its default lambda (cfg 1) from the same noise, schedule and prompts."""
-    prompt = check_common("cfgpp_sd15")
+    prompt = check_common("CFG++ vs CFG (SD1.5)")
     saves = {n["inputs"]["filename_prefix"]: n for n in nodes_of(prompt, "SaveImage").values()}
-    assert sorted(saves) == ["cfgpp_sd15/cfg", "cfgpp_sd15/cfgpp"]
+    assert sorted(saves) == ["CFG++ vs CFG (SD1.5)/cfg", "CFG++ vs CFG (SD1.5)/cfgpp"]
     runs = {}
     for prefix, save in saves.items():
         part = upstream(prompt, save["inputs"]["images"][0])
@@ -59,7 +59,7 @@ def test_text_to_image_comparison_settings():
 def test_editing_graph_settings():
     """Source image by CFG++, decoded and re-encoded as a loaded image would be, inverted with the source prompt and
     sampled back with the target prompt, all on one schedule and lambda."""
-    prompt = check_common("cfgpp_edit_sd15")
+    prompt = check_common("CFG++ image editing (SD1.5)")
     [inversion] = nodes_of(prompt, "CFGppDDIMInversion").values()
     [back] = nodes_of(prompt, "CFGppDDIMSampleFromInversion").values()
     [source_run] = nodes_of(prompt, "SamplerCustomAdvanced").values()
@@ -75,7 +75,7 @@ def test_editing_graph_settings():
     prompts = (inversion["inputs"]["positive"], back["inputs"]["positive"])
     assert len({by_id(prompt, ref)["inputs"]["text"] for ref in prompts}) == 2
     saves = sorted(n["inputs"]["filename_prefix"] for n in nodes_of(prompt, "SaveImage").values())
-    assert saves == ["cfgpp_edit_sd15/edit", "cfgpp_edit_sd15/source"]
+    assert saves == ["CFG++ image editing (SD1.5)/edit", "CFG++ image editing (SD1.5)/source"]
 
 
 @pytest.mark.parametrize("changes, problem", [
@@ -86,7 +86,7 @@ def test_editing_graph_settings():
 def test_bad_cfgpp_value_is_refused(comfy_server, changes, problem):
     """A lambda outside [0, 1] (the paper's range), NaN or a sampler not in the list is refused by /prompt (400)
     with a node error that names the node and the input."""
-    prompt = shrunk(load(API_DIR / "cfgpp_sd15.json"))
+    prompt = shrunk(load(API_DIR / "CFG++ vs CFG (SD1.5).json"))
     [sampler_id] = nodes_of(prompt, "CFGppSampler")
     [save_id] = [i for i, n in nodes_of(prompt, "SaveImage").items()
                  if n["inputs"]["filename_prefix"].endswith("/cfgpp")]

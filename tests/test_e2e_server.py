@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import pathlib
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -23,11 +24,12 @@ TEST_SIZE = 64
 TEST_STEPS = 3
 # Image pairs that differ too little at TEST_SIZE to compare: PAG on SDXL perturbs the middle block, which a 64-pixel
 # image shrinks to 2x2 tokens (tests/test_pag_sampling.py checks PAG's effect on every family).
-ALIKE_AT_TEST_SIZE = {("pag_sdxl/cfg", "pag_sdxl/pag"),
+ALIKE_AT_TEST_SIZE = {("PAG and PAG + APG vs CFG (SDXL)/cfg", "PAG and PAG + APG vs CFG (SDXL)/pag"),
                       # 3 steps on the slim random-weight checkpoints: the cosine of the conditional and the CFG
                       # prediction stays below AG's default threshold, so AG is CFG there (tests/test_adaptive.py
                       # checks the switch itself)
-                      ("ag_sd15/ag", "ag_sd15/cfg"), ("ag_sdxl/ag", "ag_sdxl/cfg")}
+                      ("AG vs CFG (SD1.5)/ag", "AG vs CFG (SD1.5)/cfg"),
+                      ("AG vs CFG (SDXL)/ag", "AG vs CFG (SDXL)/cfg")}
 
 
 def load(path):
@@ -118,7 +120,7 @@ def test_out_of_range_value_is_refused(comfy_server):
     ComfyUI refuses a prompt only when no output survives validation: in the comparison graph the CFG half stays
     valid, so that graph is queued (200) with the APG error in node_errors and only the CFG image is made.
     """
-    prompt = shrunk(load(API_DIR / "apg_sd15.json"))
+    prompt = shrunk(load(API_DIR / "APG vs CFG (SD1.5).json"))
     [apg_id] = nodes_of(prompt, APG)
     [apg_save] = [i for i, n in nodes_of(prompt, "SaveImage").items()
                   if n["inputs"]["filename_prefix"].endswith("/apg")]
@@ -150,6 +152,6 @@ def test_example_workflows_are_served(comfy_server):
     listed = comfy_server.get("/api/workflow_templates")["comfyui_guidance"]
     assert sorted(listed) == [path.stem for path in UI_WORKFLOWS]
     for path in UI_WORKFLOWS:
-        assert comfy_server.get(f"/api/workflow_templates/comfyui_guidance/{path.name}") == load(path)
-        status, body = comfy_server.request(f"/api/workflow_templates/comfyui_guidance/{path.stem}.jpg")
+        assert comfy_server.get(f"/api/workflow_templates/comfyui_guidance/{quote(path.name)}") == load(path)
+        status, body = comfy_server.request(f"/api/workflow_templates/comfyui_guidance/{quote(path.stem)}.jpg")
         assert status == 200 and Image.open(io.BytesIO(body)).format == "JPEG", path.stem

@@ -35,7 +35,7 @@ END_EVENTS = {"execution_success", "execution_error", "execution_interrupted"}
 def apg_prompt(seed):
     """The APG half of the reference workflow with one SIZE image, STEPS steps and `seed`; with the ids of its APG
     node (momentum -0.5, the node default) and its KSampler."""
-    [path] = [p for p in API_WORKFLOWS if p.stem.startswith("reference_apg")]
+    [path] = [p for p in API_WORKFLOWS if p.stem.startswith("APG vs CFG (reference model)")]
     full = load(path)
     [save] = [i for i, n in nodes_of(full, "SaveImage").items() if n["inputs"]["filename_prefix"].endswith("/apg")]
     prompt = upstream(full, save)

@@ -4,9 +4,9 @@ test server with the pack) in headless Chromium, driven through selenium.
 For every shipped UI workflow: it loads through the frontend's own file input with no alert, toast, dialog or
 JavaScript error; every node is a registered node type and none is flagged; `app.graphToPrompt()` is exactly the
 shipped API workflow; every node and group title is visible at load in a 1600x1000 window (on the canvas, not under
-the toolbars, the side bar or the minimap) and no node covers another node or a group title. The template browser
-lists exactly the UI workflows, each with its thumbnail. One workflow is queued with the Run button and its images
-checked. On failure a screenshot is saved to out/browser/<test>.png.
+the toolbars, the side bar or the minimap), at a zoom that draws text, and no node covers another node or a group
+title. The template browser lists exactly the UI workflows, each with its thumbnail. One workflow is queued with the
+Run button and its images checked. On failure a screenshot is saved to out/browser/<test>.png.
 
 Chromium and its driver are Debian's (scripts/setup_host.sh installs them); only loopback traffic.
 """
@@ -39,7 +39,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 SCREENSHOTS = pathlib.Path(__file__).resolve().parent.parent / "out" / "browser"
 PACK = "comfyui_guidance"
 WAIT_S = 30
-RUN_WORKFLOW = "reference_apg"
+RUN_WORKFLOW = "APG vs CFG (reference model)"
 THUMBNAIL_PX = 256  # scripts/render_thumbnails.py
 # Browser console errors that are the frontend's own on a fresh, offline install, not the pack's: missing optional
 # user files, the empty user folders, and look-ups of the Comfy registry that the page's content policy blocks.
@@ -55,16 +55,21 @@ window.addEventListener('unhandledrejection',
 """
 
 # What the user sees of the loaded graph, in window pixels: per node and per group title bar, the rectangle, whether
-# a few points inside it show the canvas itself (no toolbar, menu or minimap over them), and the node checks.
+# a few points inside it show the canvas itself or the node's own DOM widgets (a prompt's text box), with no toolbar,
+# menu or minimap over them, and the node checks.
 INSPECT_GRAPH = """
 const canvas = app.canvas, ds = canvas.ds, box = canvas.canvas.getBoundingClientRect();
 const toWindow = ([x, y, w, h]) => [(x + ds.offset[0]) * ds.scale + box.left, (y + ds.offset[1]) * ds.scale + box.top,
                                     w * ds.scale, h * ds.scale];
-const onCanvas = ([x, y, w, h]) => [[x + 3, y + 3], [x + w - 3, y + 3], [x + 3, y + h - 3], [x + w - 3, y + h - 3],
-                                    [x + w / 2, y + h / 2]].every(([px, py]) => document.elementFromPoint(px, py) === canvas.canvas);
+const onCanvas = ([x, y, w, h], own = []) => [[x + 3, y + 3], [x + w - 3, y + 3], [x + 3, y + h - 3],
+                                              [x + w - 3, y + h - 3], [x + w / 2, y + h / 2]].every(([px, py]) => {
+    const found = document.elementFromPoint(px, py);
+    return found === canvas.canvas || own.some(element => element.contains(found));
+});
 const nodes = app.graph.nodes.map(n => {
     const rect = toWindow(Array.from(n.boundingRect));
-    return {id: n.id, type: n.type, graph_rect: Array.from(n.boundingRect), visible: onCanvas(rect),
+    const own = (n.widgets || []).map(w => w.element).filter(Boolean);
+    return {id: n.id, type: n.type, graph_rect: Array.from(n.boundingRect), visible: onCanvas(rect, own),
             registered: !!LiteGraph.registered_node_types[n.type] && !!n.constructor.nodeData,
             flagged: !!n.has_errors, labels: (n.widgets || []).map(w => w.label || w.name)};
 });
@@ -72,7 +77,7 @@ const groups = app.graph.groups.map(g => {
     const [x, y, w] = Array.from(g.boundingRect), title = [x, y, w, g.titleHeight];
     return {title: g.title, graph_title_rect: title, visible: onCanvas(toWindow(title))};
 });
-return {nodes, groups};
+return {nodes, groups, low_quality: canvas.low_quality};
 """
 
 
@@ -240,20 +245,15 @@ def test_workflow_loads_cleanly(frontend, path):
         assert frontend.graph_to_prompt() == load(API_DIR / path.name)
 
 
-LAYOUTS_NOT_TIDIED = {"apg_sd15", "apg_sdxl", "cfgpp_edit_sd15", "cfgpp_sd15", "pag_sd15", "pag_sd3", "pag_sdxl",
-                      "reference_apg"}
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(path, marks=pytest.mark.xfail(path.stem in LAYOUTS_NOT_TIDIED, strict=True,
-                                                reason="layout and saved view not yet tidied (issue 9, item 3)"))
-    for path in UI_WORKFLOWS], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_fits_the_window(frontend, path):
-    """At load, in a 1600x1000 window, every node and group title is on the canvas (not under a toolbar, the side
-    bar or the minimap), and no node covers another node or a group title."""
+    """At load, in a 1600x1000 window, the saved view's zoom draws the text (the frontend draws no text below a
+    zoom of about 0.57), every node and group title is on the canvas (not under a toolbar, the side bar or the
+    minimap; a node's own prompt box counts as the node), and no node covers another node or a group title."""
     with frontend.screenshot_on_failure(f"{path.stem}_layout"):
         frontend.open_file(path)
         graph = frontend.js(INSPECT_GRAPH)
+        assert not graph["low_quality"], "zoomed out so far that the frontend draws no text"
         hidden = [f"node {n['id']} {n['type']}" for n in graph["nodes"] if not n["visible"]]
         hidden += [f"group {g['title']!r}" for g in graph["groups"] if not g["visible"]]
         assert hidden == [], f"not fully visible at load in a {WINDOW[0]}x{WINDOW[1]} window"
@@ -268,7 +268,7 @@ def test_workflow_fits_the_window(frontend, path):
 def test_cfgpp_guidance_reads_lambda(frontend):
     """The CFG++ nodes' guidance widget is labelled lambda, as in the README and the tooltip."""
     frontend.problems()
-    frontend.open_file(API_DIR.parent / "cfgpp_edit_sd15.json")
+    frontend.open_file(API_DIR.parent / "CFG++ image editing (SD1.5).json")
     labels = {n["type"]: n["labels"] for n in frontend.js(INSPECT_GRAPH)["nodes"] if n["type"].startswith("CFGpp")}
     assert labels == {"CFGppSampler": ["sampler_name", "lambda"], "CFGppDDIMInversion": ["lambda"],
                       "CFGppDDIMSampleFromInversion": ["lambda"]}
@@ -279,9 +279,9 @@ def test_cfgpp_guidance_reads_lambda(frontend):
 
 
 def test_run_button_queues_the_workflow(frontend, comfy_server):
-    """reference_apg, opened, set to TEST_STEPS steps in its widgets (CPU budget) and queued with the Run button,
-    saves its CFG and APG images: the reference model's 32x32 images, one per class, that differ between CFG and APG,
-    and shows them on its Save Image nodes."""
+    """The reference model's APG workflow, opened, set to TEST_STEPS steps in its widgets (CPU budget) and queued
+    with the Run button, saves its CFG and APG images: the reference model's 32x32 images, one per class, that differ
+    between CFG and APG, and shows them on its Save Image nodes."""
     with frontend.screenshot_on_failure("run_button"):
         frontend.problems()
         frontend.open_file(API_DIR.parent / f"{RUN_WORKFLOW}.json")

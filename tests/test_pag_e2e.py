@@ -7,9 +7,10 @@ from test_e2e_server import API_DIR, WORKFLOWS, load, nodes_of, shrunk, upstream
 PAG = "GuidancePerturbedAttention"
 # What each PAG workflow must look like: checkpoint, latent node, image size, cfg, images it saves.
 PAG_COMPARISONS = {
-    "pag_sd15": ("v1-5-pruned-emaonly.safetensors", "EmptyLatentImage", 512, 4.0, ["cfg", "pag"]),
-    "pag_sdxl": ("sd_xl_base_1.0.safetensors", "EmptyLatentImage", 1024, 4.0, ["cfg", "pag", "pag_apg"]),
-    "pag_sd3": ("sd3_medium_incl_clips.safetensors", "EmptySD3LatentImage", 1024, 4.5, ["cfg", "pag"]),
+    "PAG vs CFG (SD1.5)": ("v1-5-pruned-emaonly.safetensors", "EmptyLatentImage", 512, 4.0, ["cfg", "pag"]),
+    "PAG and PAG + APG vs CFG (SDXL)": ("sd_xl_base_1.0.safetensors", "EmptyLatentImage", 1024, 4.0,
+                                        ["cfg", "pag", "pag_apg"]),
+    "PAG vs CFG (SD3)": ("sd3_medium_incl_clips.safetensors", "EmptySD3LatentImage", 1024, 4.5, ["cfg", "pag"]),
 }
 PAPER_SETTINGS = {"scale": 3.0, "adaptive_scale": 0.0, "layers": "auto", "sigma_start": 10000.0, "sigma_end": 0.0,
                   "batched": True}
@@ -55,7 +56,7 @@ def test_pag_comparison_settings(name):
 def test_unknown_layer_fails_naming_the_models_layers(comfy_server):
     """The layer check needs the loaded model, so it runs when the node executes: the run fails with an error that
     names the node, the missing layer and the layers the checkpoint has."""
-    prompt = shrunk(load(API_DIR / "pag_sd15.json"))
+    prompt = shrunk(load(API_DIR / "PAG vs CFG (SD1.5).json"))
     [pag_id] = nodes_of(prompt, PAG)
     [save_id] = [i for i, n in nodes_of(prompt, "SaveImage").items() if n["inputs"]["filename_prefix"].endswith("/pag")]
     prompt[pag_id]["inputs"]["layers"] = "middle.0, output.30"

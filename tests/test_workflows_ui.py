@@ -2,6 +2,8 @@
 value the running server accepts, equal to the shipped API workflow, with real-world settings for a CFG-vs-APG
 comparison. Widget values are checked against the server's /object_info, in the order the frontend assigns them."""
 
+import re
+
 import pytest
 from test_e2e_server import API_DIR, API_WORKFLOWS, APG, UI_WORKFLOWS, WORKFLOWS, load
 
@@ -10,8 +12,8 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 # The CFG-vs-APG comparisons and what each must look like: checkpoint, image size, cfg.
 APG_COMPARISONS = {
-    "apg_sd15": ("v1-5-pruned-emaonly.safetensors", 512, 7.0),
-    "apg_sdxl": ("sd_xl_base_1.0.safetensors", 1024, 15.0),
+    "APG vs CFG (SD1.5)": ("v1-5-pruned-emaonly.safetensors", 512, 7.0),
+    "APG vs CFG (SDXL)": ("sd_xl_base_1.0.safetensors", 1024, 15.0),
 }
 
 
@@ -24,6 +26,14 @@ def test_every_ui_workflow_has_an_api_twin():
     """The UI and API folders hold the same workflows, by file name."""
     assert [p.name for p in UI_WORKFLOWS] == [p.name for p in API_WORKFLOWS]
     assert set(APG_COMPARISONS) <= {p.stem for p in UI_WORKFLOWS}
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_file_name_is_a_title(path):
+    """The template browser titles a card with the file name, and shows it again as the description with - and _ as
+    spaces (README, Workflows in ComfyUI): `<method> vs CFG (<model>)` or `<method> <task> (<model>)`, none of those
+    two characters and none that Windows forbids in a file name."""
+    assert re.fullmatch(r"[^-_\\/:*?\"<>|#%]+ \((SD1\.5|SDXL|SD3|reference model)\)", path.stem), path.stem
 
 
 def declared_inputs(node_def):
