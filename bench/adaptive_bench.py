@@ -18,11 +18,14 @@ Part 2, the cost: an SDXL-size UNet (ComfyUI's model_base.SDXL, base config, ran
 image, whole sampling runs of --sdxl-steps euler steps timed end to end: CFG against AG's own patch with the switch
 forced at the call where the measured default-threshold AG of part 1 switches on average (random weights give no
 meaningful cosine), so the time saving can be compared with the NFE saving; and single steps (CFG step, batch 2, and
-conditional-only step, batch 1) to explain the ratio.
+conditional-only step, batch 1) to explain the ratio; each with cuDNN's autotuning off (ComfyUI's default) and on
+(ComfyUI's --fast autotune).
 
     python bench/adaptive_bench.py --comfyui COMFYUI_DIR --data DATA_DIR --out OUT_DIR --commit SHA
+    python bench/adaptive_bench.py ... --steps 20 --skip-sdxl --name adaptive_bench_20steps
 
-DATA_DIR needs the Fashion-MNIST test split files (t10k-*); writes adaptive_bench.json and adaptive_bench.md.
+DATA_DIR needs the Fashion-MNIST test split files (t10k-*); writes NAME.json and NAME.md (--name, default
+adaptive_bench).
 """
 
 import argparse
@@ -79,6 +82,7 @@ def parse_args():
     p.add_argument("--sdxl-reps", type=int, default=3)
     p.add_argument("--sdxl-batches", default="1,4", help="images per sampling run in the SDXL timing")
     p.add_argument("--skip-sdxl", action="store_true")
+    p.add_argument("--name", default="adaptive_bench", help="file name of the results (.json and .md) in --out")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--weights", default=str(ROOT / "reference" / "weights" / "fashion_diffusion.safetensors"))
     p.add_argument("--classifier", default=str(ROOT / "reference" / "weights" / "fashion_classifier.safetensors"))
@@ -254,7 +258,10 @@ def sdxl_part(args, switch_call: int) -> dict:
     positive = [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
     negative = [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
     per_batch = {}
-    for images in args.sdxl_batches:
+    for images, autotune in [(b, a) for a in (False, True) for b in args.sdxl_batches]:
+        # cuDNN's convolution autotuning is off in ComfyUI unless it runs with --fast autotune; it changes which
+        # kernels a batch of 1 gets, so both are timed.
+        torch.backends.cudnn.benchmark = autotune
         latent = torch.zeros(images, 4, 128, 128)
         noise = torch.randn(images, 4, 128, 128, generator=g)
         variants = {"cfg": patcher, "ag": ag_model}
@@ -282,10 +289,11 @@ def sdxl_part(args, switch_call: int) -> dict:
         med = {name: statistics.median(t) / images for name, t in times.items()}
         nfe_saving = 1 - rows["ag"] / rows["cfg"]
         time_saving = 1 - med["ag"] / med["cfg"]
-        per_batch[str(images)] = {"seconds_per_image": med, "seconds_all": times, "unet_rows_per_image": rows,
-                                  "nfe_saving": nfe_saving, "time_saving": time_saving,
-                                  "time_saving_over_nfe_saving": time_saving / nfe_saving if nfe_saving else None}
-        print(f"SDXL batch {images}: {per_batch[str(images)]}", flush=True)
+        key = f"{images}{' autotune' if autotune else ''}"
+        per_batch[key] = {"seconds_per_image": med, "seconds_all": times, "unet_rows_per_image": rows,
+                          "nfe_saving": nfe_saving, "time_saving": time_saving, "cudnn_benchmark": autotune,
+                          "time_saving_over_nfe_saving": time_saving / nfe_saving if nfe_saving else None}
+        print(f"SDXL batch {key}: {per_batch[key]}", flush=True)
 
     x = torch.randn(8, 4, 128, 128, device="cuda")
     sigma = torch.full((8,), 14.6, device="cuda")
@@ -305,12 +313,17 @@ def sdxl_part(args, switch_call: int) -> dict:
             end.synchronize()
             return start.elapsed_time(end) / reps
 
-    forward = {f"batch{b}_ms": forward_ms(b) for b in (1, 2, 4, 8)}
+    forward = {}
+    for autotune in (False, True):
+        torch.backends.cudnn.benchmark = autotune
+        forward.update({f"batch{b}{'_autotune' if autotune else ''}_ms": forward_ms(b) for b in (1, 2, 4, 8)})
+    torch.backends.cudnn.benchmark = False
     return {"model": "SDXL-size UNet (ComfyUI model_base.SDXL, base config), fp16 weights, random",
             "latent_side": 128, "steps": args.sdxl_steps, "cfg": 5.0, "switch_after_call": switch_call,
             "per_batch": per_batch,
             "unet_forward": forward, "batch1_over_batch2": forward["batch1_ms"] / forward["batch2_ms"],
-            "batch4_over_batch8": forward["batch4_ms"] / forward["batch8_ms"]}
+            "batch4_over_batch8": forward["batch4_ms"] / forward["batch8_ms"],
+            "batch1_over_batch2_autotune": forward["batch1_autotune_ms"] / forward["batch2_autotune_ms"]}
 
 
 def markdown(report: dict) -> str:
@@ -347,14 +360,17 @@ def markdown(report: dict) -> str:
     if s:
         lines += ["", f"## SDXL-size UNet at 1024², {s['steps']} euler steps, switch after call "
                   f"{s['switch_after_call']}", "",
-                  *[f"- {b} image(s) per batch: seconds per image CFG {r['seconds_per_image']['cfg']:.3f}, AG "
+                  *[f"- {b.replace(' autotune', '')} image(s) per batch"
+                    f"{', cuDNN autotuning (--fast autotune)' if r.get('cudnn_benchmark') else ''}: seconds per image CFG {r['seconds_per_image']['cfg']:.3f}, AG "
                     f"{r['seconds_per_image']['ag']:.3f}; UNet rows per image CFG {r['unet_rows_per_image']['cfg']:g}, "
                     f"AG {r['unet_rows_per_image']['ag']:g}; NFE saving {r['nfe_saving']:.1%}, time saving "
                     f"{r['time_saving']:.1%} (ratio {r['time_saving_over_nfe_saving']:.2f})"
                     for b, r in s["per_batch"].items()],
                   f"- one UNet forward: batch 2 {s['unet_forward']['batch2_ms']:.2f} ms, batch 1 "
                   f"{s['unet_forward']['batch1_ms']:.2f} ms (ratio {s['batch1_over_batch2']:.2f}); batch 8 {s['unet_forward']['batch8_ms']:.2f} ms, "
-                  f"batch 4 {s['unet_forward']['batch4_ms']:.2f} ms (ratio {s['batch4_over_batch8']:.2f})"]
+                  f"batch 4 {s['unet_forward']['batch4_ms']:.2f} ms (ratio {s['batch4_over_batch8']:.2f}); with "
+                  f"cuDNN autotuning: batch 2 {s['unet_forward']['batch2_autotune_ms']:.2f} ms, batch 1 "
+                  f"{s['unet_forward']['batch1_autotune_ms']:.2f} ms (ratio {s['batch1_over_batch2_autotune']:.2f})"]
     return "\n".join(lines) + "\n"
 
 
@@ -373,7 +389,7 @@ def main():
               "commit": args.commit, "torch": torch.__version__, "comfyui": comfyui_version.__version__,
               "args": vars(args)}
     report["reference"] = reference_part(args, device)
-    (out / "adaptive_bench.json").write_text(json.dumps(report, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     if not args.skip_sdxl and device.type == "cuda":
         rows = report["reference"]["rows"]
         default = next(r for r in rows if r.get("threshold") == 0.991 and not r.get("linear"))
@@ -381,8 +397,8 @@ def main():
         switch_call = max(1, min(args.sdxl_steps, round(args.sdxl_steps - skipped_uncond * args.sdxl_steps /
                                                          args.steps)))
         report["sdxl"] = sdxl_part(args, switch_call)
-    (out / "adaptive_bench.json").write_text(json.dumps(report, indent=2))
-    (out / "adaptive_bench.md").write_text(markdown(report))
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
 
 

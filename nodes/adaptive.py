@@ -9,9 +9,15 @@ from comfy_api.latest import io
 from ..guiders.adaptive import CRITERIA, DEFAULT_THRESHOLD, AGConfig
 from .adaptive_patch import (COEFFICIENTS_FOLDER, DISPLAY_NAME, FIT_DISPLAY_NAME, FIT_NODE_ID, LINEAR_DISPLAY_NAME,
                              LINEAR_NODE_ID, NODE_ID, LinearAGCoefficients, apply_ag, check_model, fit_linear_ag)
+from .reference import WEIGHTS_DIR
 from .validation import check_widgets
 
+REFERENCE_COEFFICIENTS = WEIGHTS_DIR / COEFFICIENTS_FOLDER
+
 folder_paths.add_model_folder_path(COEFFICIENTS_FOLDER, os.path.join(folder_paths.models_dir, COEFFICIENTS_FOLDER))
+# Coefficients shipped for the embedded reference model (scripts/fit_linear_ag.py --reference), after the user's
+# folder, which stays the first (Fit LinearAG Coefficients saves there).
+folder_paths.add_model_folder_path(COEFFICIENTS_FOLDER, str(REFERENCE_COEFFICIENTS))
 folder_paths.folder_names_and_paths[COEFFICIENTS_FOLDER][1].add(".safetensors")
 
 THRESHOLD_TOOLTIP = ("gamma-bar: once the cosine between the conditional step and the CFG step reaches this value for "

@@ -55,6 +55,12 @@ FORMAT_VERSION = "1"
 def apply_ag(model, config: AGConfig, linear: "LinearAGCoefficients | None" = None, node_name: str = DISPLAY_NAME):
     """A clone of the ModelPatcher `model` with AG (and LinearAG estimates where `linear` is given)."""
     patched = model.clone()
+    for earlier in patched.model_options.get("sampler_pre_cfg_function", []):
+        if getattr(getattr(earlier, "__self__", None), "skips_unconditional_passes", False):
+            # Two AG hooks would both decide which unconditional passes to skip, and the outer one's decisions
+            # would silently replace the inner one's.
+            raise ValueError(f"{node_name}: this model already has {earlier.__self__.node_name}, which skips the "
+                             "same unconditional passes; apply only one of the two nodes.")
     hook = AGHook(config, patched.model_options.get("sampler_calc_cond_batch_function"), linear, node_name)
     patched.set_model_sampler_calc_cond_batch_function(hook.calc_cond_batch)
     patched.set_model_sampler_pre_cfg_function(hook.pre_cfg)
@@ -126,6 +132,9 @@ class AGHook:
     hands CFG D_c for switched samples)."""
 
     node_name = DISPLAY_NAME
+    # Marks the hooks of AG and LinearAG wherever this module was imported from (ComfyUI and scripts import it
+    # under different package names, so the class itself is not one object).
+    skips_unconditional_passes = True
 
     def __init__(self, config: AGConfig, replaced_calc_cond_batch, linear=None, node_name: str = DISPLAY_NAME):
         self.config = config
@@ -192,8 +201,8 @@ class AGHook:
         memory = run_state(args["model_options"], self, RunMemory)
         record, memory.record = memory.record, None
         if record is None or record.input is not args["input"]:
-            # This hook's calc-cond-batch hook was not asked for both passes at this call: another AG (applied
-            # after this one) wraps it and decided for the batch; nothing to decide or restore here.
+            # This call's predictions did not come through this hook's calc-cond-batch hook (a calc-cond-batch
+            # function installed after AG replaced it): nothing was decided, nothing to restore.
             return conds_out
         if not self.config.never_skips and record.measured.any():
             gamma = similarity(args["input"], record.cond, record.uncond, args["cond_scale"], self.config.criterion)
@@ -273,14 +282,16 @@ class LinearAGCoefficients:
 
 
 def model_fingerprint(model) -> str:
-    """A fingerprint of the diffusion model's weights: SHA-256 over every tensor's name, shape, dtype and up to 4096
-    evenly spaced values, and the names and strengths of the patches (LoRAs) on the ModelPatcher. Reading every
-    value of a multi-gigabyte UNet would take seconds per check; the sample tells models apart as well in practice."""
+    """A fingerprint of the diffusion model's weights: SHA-256 over every tensor's name, shape and up to 4096 evenly
+    spaced values (as float32), and the names and strengths of the patches (LoRAs) on the ModelPatcher. Reading
+    every value of a multi-gigabyte UNet would take seconds per check; the sample tells models apart as well in
+    practice. The storage dtype is left out: ComfyUI loads the same file as float16 on a GPU and float32 on a CPU,
+    and coefficients fitted on one hold on the other."""
     digest = hashlib.sha256()
     state = model.get_model_object("diffusion_model").state_dict()
     for name in sorted(state):
         tensor = state[name]
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         flat = tensor.detach().flatten()
         if flat.numel():
             step = max(1, flat.numel() // 4096)

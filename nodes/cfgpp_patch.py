@@ -35,7 +35,6 @@ import comfy.samplers
 import comfy.utils
 
 from ..guiders import cfgpp
-from .adaptive_patch import AGHook
 from .apg_patch import APGHook
 
 SAMPLER_NODE_ID = "CFGppSampler"
@@ -65,7 +64,7 @@ def refused_patches(model_options: dict):
         yield (patch_owner(model_options["sampler_cfg_function"]), "replaces ComfyUI's CFG step with a CFG function, "
                "which CFG++ bypasses: it combines the raw predictions itself")
     for hook in model_options.get("sampler_pre_cfg_function", []):
-        if isinstance(getattr(hook, "__self__", None), AGHook):
+        if getattr(getattr(hook, "__self__", None), "skips_unconditional_passes", False):
             yield (hook.__self__.node_name, "decides when to drop the unconditional pass from CFG's step at the "
                    "guider's cfg, which is 1 under CFG++ (so it would drop it at once), while CFG++ needs the "
                    "unconditional prediction of every step to renoise with")

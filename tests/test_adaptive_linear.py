@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import slim_models
-from test_adaptive import CFG, RowCounter, one_torch_thread, setup  # noqa: F401  (the fixture is autouse there)
+from test_adaptive import CFG, Recorder, RowCounter, one_torch_thread, setup  # noqa: F401  (the fixture is autouse there)
 from test_pag_sampling import rel_err
 
 
@@ -64,3 +64,48 @@ def test_other_schedule_or_model_is_refused(comfy, fitted, patch_module):
     with pytest.raises(ValueError, match="fitted for another model"):
         patch_module.check_model(fitted, other, patch_module.LINEAR_DISPLAY_NAME)
     patch_module.check_model(fitted, model, patch_module.LINEAR_DISPLAY_NAME)
+
+
+class SigmaRecorder(Recorder):
+    """test_adaptive's Recorder (true predictions of every call, guided output), also keeping each call's sigma."""
+
+    def __init__(self):
+        super().__init__()
+        self.sigma = []
+
+    def pre(self, args):
+        self.sigma.append(args["sigma"].double().view(-1, *[1] * (args["input"].ndim - 1)))
+        return super().pre(args)
+
+
+@pytest.mark.parametrize("family,prediction", [("sd15", "eps"), ("sd15", "v"), ("flux", "flow")],
+                         ids=["sd15-eps", "sd15-v", "flux-flow"])
+def test_estimate_matches_float64_reference(comfy, patch_module, family, prediction):
+    """At the estimated calls (1 and 3 of 8) CFG is handed D̂_u = x − σ ε̂_u, ε̂_u = a ε_c(i) + b ε_c(i−1) + c ε_u(i−1),
+    with the true noise directions ε = (x − D)/σ of this call and the previous one, in float64; every other call is
+    CFG's (γ̄ = 1: no AG switch)."""
+    from comfyui_guidance.guiders.adaptive import AGConfig
+
+    model, positive, negative, latent = setup(family, prediction)
+    fitted = patch_module.fit_linear_ag(model, positive, negative, latent["samples"], "euler", "normal", 8, CFG, 5,
+                                        images=2, batch=2)
+    rec = SigmaRecorder()
+    slim_models.ksample(rec.around(model, lambda m: patch_module.apply_ag(m, AGConfig(1.0), fitted)), positive,
+                        negative, latent, cfg=CFG, steps=8)
+    assert len(rec.guided) == 8
+
+    def eps(i, denoised):
+        return (rec.x[i] - denoised) / rec.sigma[i]
+
+    for i, (x, cond, uncond, got) in enumerate(zip(rec.x, rec.cond, rec.uncond, rec.guided)):
+        tolerance = 1e-5
+        if i in (1, 3):
+            # D̂_u = x − σ ε̂_u in float32 at σ ≫ |D| loses about |x|/|D| ulps, which CFG's w − 1 = 5 amplifies: up to
+            # 3e-5 here; a wrong coefficient or term is off by the size of that term (≥ 1e-2).
+            tolerance = 1e-4
+            a, b, c = fitted.coefficients[i].tolist()
+            estimate = x - rec.sigma[i] * (a * eps(i, cond) + b * eps(i - 1, rec.cond[i - 1])
+                                           + c * eps(i - 1, rec.uncond[i - 1]))
+            assert rel_err(estimate, uncond) > 1e-6  # the estimate, not the true pass, is what CFG got
+            uncond = estimate
+        assert rel_err(got, uncond + CFG * (cond - uncond)) < tolerance, f"call {i}"

@@ -104,22 +104,65 @@ def cfg_zero_star_post(step, uncond, out):
 
 
 AG_THRESHOLD = 0.991  # the default; on the slim SD1.5 model at cfg 6 the two images switch at different calls
+MATRIX_STEPS = 3
 
 
-def ag_pre(steps, unconds):
+def ag_pre(steps, unconds, estimated=()):
     """Adaptive Guidance (Castillo et al., arXiv:2312.12487; guiders/adaptive.py) in float64 as a pre-CFG patch: per
     image, once cos(D_c, D_cfg) of the raw predictions reaches γ̄ at a step, every later step hands CFG D_c as
     the unconditional prediction (a conditional-only step, whose unconditional pass is not computed). It runs last
-    among the pre-CFG patches, so APG acts on the guided steps only."""
+    among the pre-CFG patches, so APG acts on the guided steps only. At LinearAG's `estimated` calls there is no
+    real unconditional prediction, so nothing is measured there."""
     switched = torch.zeros(steps[0].x.shape[0], dtype=torch.bool)
     out = []
-    for step, uncond in zip(steps, unconds):
+    for i, (step, uncond) in enumerate(zip(steps, unconds)):
         out.append(torch.where(switched.view(-1, 1, 1, 1), step.cond, uncond))
+        if i in estimated:
+            continue
         d_c = step.cond.flatten(1)
         d_g = (step.uncond + CFG * (step.cond - step.uncond)).flatten(1)
         gamma = (d_c * d_g).sum(1) / (d_c.norm(dim=1) * d_g.norm(dim=1))
         switched = switched | (gamma >= AG_THRESHOLD)
     return out
+
+
+_LINEAR_AG_FIT = {}
+
+
+def linear_ag_coefficients(comfy):
+    """LinearAG coefficients fitted (once per session) for the matrix's model, sampler, schedule and step count."""
+    if not _LINEAR_AG_FIT:
+        from comfyui_guidance.nodes.adaptive_patch import fit_linear_ag
+
+        model, positive, negative, latent = setup()
+        _LINEAR_AG_FIT["fit"] = fit_linear_ag(model, positive, negative, latent["samples"], "euler", "normal",
+                                              MATRIX_STEPS, CFG, seed=11, images=2, batch=2)
+    return _LINEAR_AG_FIT["fit"]
+
+
+def linear_ag(comfy, model):
+    from comfyui_guidance.guiders.adaptive import AGConfig
+    from comfyui_guidance.nodes.adaptive_patch import LINEAR_DISPLAY_NAME, apply_ag
+
+    return apply_ag(model, AGConfig(AG_THRESHOLD), linear_ag_coefficients(comfy), LINEAR_DISPLAY_NAME)
+
+
+def linear_ag_estimate(steps, unconds):
+    """LinearAG's estimate in float64, before every pre-CFG patch (it replaces the unconditional pass itself): at an
+    estimated call i, D̂_u = x − σ ε̂_u with ε̂_u = a ε_c(i) + b ε_c(i−1) + c ε_u(i−1), the coefficients of call i and
+    the true noise directions ε = (x − D)/σ (the previous call is a real one; a switched image's is D_c, which AG
+    hands on as its unconditional prediction)."""
+    coefficients = _LINEAR_AG_FIT["fit"].coefficients
+    out = list(unconds)
+    for i in LINEAR_AG_CALLS:
+        now, before = steps[i], steps[i - 1]
+        eps = [(s.x - d) / s.sigma for s, d in ((now, now.cond), (before, before.cond), (before, unconds[i - 1]))]
+        a, b, c = coefficients[i].tolist()
+        out[i] = now.x - now.sigma * (a * eps[0] + b * eps[1] + c * eps[2])
+    return out
+
+
+LINEAR_AG_CALLS = (1,)  # guiders.adaptive.estimated_calls(3): every other call of the first half
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +174,7 @@ class Patch:
     cfg: object = None  # (step, uncond) -> guided
     post: object = None  # (step, uncond, guided) -> guided
     pre_last: bool = False  # its pre-CFG stage runs after every other one, whatever the order the nodes were applied
+    estimate: object = None  # (steps, unconds) -> unconds: replaces the unconditional pass, before any pre-CFG stage
 
 
 def core_node(node_id, **inputs):
@@ -150,15 +194,21 @@ PATCHES = {
     "CFGZeroStar": Patch(core_node("CFGZeroStar"), post=cfg_zero_star_post),
     "AG": Patch(core_node("GuidanceAdaptiveGuidance", threshold=AG_THRESHOLD, criterion="cond_cfg"), pre=ag_pre,
                 pre_last=True),
+    "LinearAG": Patch(linear_ag, estimate=linear_ag_estimate,
+                      pre=lambda steps, unconds: ag_pre(steps, unconds, LINEAR_AG_CALLS), pre_last=True),
 }
-OURS = ("APG", "PAG", "AG")
-PATCH_PAIRS = [(a, b) for a in PATCHES for b in PATCHES if a in OURS or b in OURS]
+OURS = ("APG", "PAG", "AG", "LinearAG")
+# Two AG-family nodes on one model would both decide which unconditional passes to skip: refused, naming both.
+AG_FAMILY = {"AG", "LinearAG"}
+REFUSED_PAIRS = [(a, b) for a in AG_FAMILY for b in AG_FAMILY]
+PATCH_PAIRS = [(a, b) for a in PATCHES for b in PATCHES if (a in OURS or b in OURS) and (a, b) not in REFUSED_PAIRS]
 # The patches whose effect CFG++ carries; every other one is refused, naming both nodes.
 CFGPP = "CFG++ Sampler"
 CARRIED_BY_CFGPP = {"PAG"}
 # The names that a refusal must carry for each node (what the user sees on the node).
 SHOWN_NAMES = {"APG": "Adaptive Projected Guidance (APG)", "PAG": "Perturbed-Attention Guidance (PAG)",
-               "RescaleCFG": "RescaleCFG", "CFGNorm": "CFGNorm", "CFGZeroStar": "CFGZeroStar", "AG": "Adaptive Guidance (AG)", CFGPP: CFGPP}
+               "RescaleCFG": "RescaleCFG", "CFGNorm": "CFGNorm", "CFGZeroStar": "CFGZeroStar", "AG": "Adaptive Guidance (AG)",
+               "LinearAG": "LinearAG (Adaptive Guidance with fitted estimates)", CFGPP: CFGPP}
 
 
 class StepSpy(Spy):
@@ -183,6 +233,9 @@ def recorded_steps(spy):
 def reference_of_stack(names, steps):
     """The float64 result of each step of the patches `names`, applied to the model in that order."""
     unconds = [s.uncond for s in steps]
+    for name in names:
+        if PATCHES[name].estimate is not None:
+            unconds = PATCHES[name].estimate(steps, unconds)
     for name in sorted(names, key=lambda n: PATCHES[n].pre_last):  # stable: the others keep their order
         if PATCHES[name].pre is not None:
             unconds = PATCHES[name].pre(steps, unconds)
@@ -212,14 +265,22 @@ def test_patch_pair_equals_float64_reference(comfy, first, second):
         return PATCHES[second].apply(comfy, PATCHES[first].apply(comfy, m))
 
     spy = StepSpy(PAG_REFERENCES["sd15"])
-    slim_models.ksample(spy.around(model, stack), positive, negative, latent, cfg=CFG, steps=3)
+    slim_models.ksample(spy.around(model, stack), positive, negative, latent, cfg=CFG, steps=MATRIX_STEPS)
     steps = recorded_steps(spy)
-    assert len(steps) == 3 and steps[0].x.shape[0] == 2
+    assert len(steps) == MATRIX_STEPS and steps[0].x.shape[0] == 2
     for got, want in zip(spy.guided, reference_of_stack([first, second], steps)):
         assert rel_err(got, want) < 1e-5
     if first != second:
         for alone in ([first], [second]):
             assert max(rel_err(got, want) for got, want in zip(spy.guided, reference_of_stack(alone, steps))) > 1e-3
+
+
+@pytest.mark.parametrize("first,second", REFUSED_PAIRS, ids=[f"{a}-then-{b}" for a, b in REFUSED_PAIRS])
+def test_ag_family_pair_refused_naming_both(comfy, first, second):
+    model = setup()[0]
+    with pytest.raises(ValueError) as refusal:
+        PATCHES[second].apply(comfy, PATCHES[first].apply(comfy, model))
+    assert SHOWN_NAMES[first] in str(refusal.value) and SHOWN_NAMES[second] in str(refusal.value)
 
 
 class PredictionRecorder:
@@ -364,7 +425,8 @@ def composition_table() -> str:
             if second == CFGPP:
                 cells.append("composes" if first in CARRIED_BY_CFGPP else "refused")
             else:
-                cells.append("composes" if (first, second) in PATCH_PAIRS else "–")
+                cells.append("composes" if (first, second) in PATCH_PAIRS
+                             else "refused" if (first, second) in REFUSED_PAIRS else "–")
         lines.append(f"| {first} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
