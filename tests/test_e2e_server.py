@@ -30,6 +30,10 @@ ALIKE_AT_TEST_SIZE = {("PAG and PAG + APG vs CFG (SDXL)/cfg", "PAG and PAG + APG
                       # checks the switch itself)
                       ("AG vs CFG (SD1.5)/ag", "AG vs CFG (SD1.5)/cfg"),
                       ("AG vs CFG (SDXL)/ag", "AG vs CFG (SDXL)/cfg")}
+# Image pairs that differ by design by less than the usual bound, with the least mean difference that shows the
+# second node acted: LinearAG's estimates are within 0.3% of the unconditional pass they replace on the reference
+# model (bench/results/adaptive_bench.md), so its images differ from AG's by about half a grey level.
+NEAR = {("AG and LinearAG vs CFG (reference model)/ag", "AG and LinearAG vs CFG (reference model)/linear_ag"): 5e-4}
 
 
 def load(path):
@@ -42,11 +46,13 @@ def nodes_of(prompt, class_type):
 
 def shrunk(prompt):
     """The shipped graph at CPU cost, the only change the tests make to it: every `steps` input at TEST_STEPS and
-    every empty latent no larger than TEST_SIZE (a family's native size below it, e.g. 32 px, is kept)."""
+    every empty latent no larger than TEST_SIZE (a family's native size below it, e.g. 32 px, is kept). A graph with
+    LinearAG keeps its step count: its coefficients belong to one (and LinearAG refuses another)."""
     prompt = copy.deepcopy(prompt)
+    fixed_steps = any(node["class_type"] == "GuidanceLinearAG" for node in prompt.values())
     for node in prompt.values():
         inputs = node["inputs"]
-        if isinstance(inputs.get("steps"), int):
+        if isinstance(inputs.get("steps"), int) and not fixed_steps:
             inputs["steps"] = TEST_STEPS
         if node["class_type"].startswith("Empty"):
             for side in ("width", "height"):
@@ -100,7 +106,8 @@ def test_shipped_workflow_runs(comfy_server, path):
     for first, second in itertools.combinations(sorted(images), 2):
         if (first, second) in ALIKE_AT_TEST_SIZE:
             continue
-        assert np.abs(images[first] - images[second]).mean() > 0.005, f"{first} and {second} look the same"
+        least = NEAR.get((first, second), 0.005)
+        assert np.abs(images[first] - images[second]).mean() > least, f"{first} and {second} look the same"
 
 
 def upstream(prompt, node_id):
