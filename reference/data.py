@@ -25,10 +25,11 @@ FILES = {
 RESOLUTION = 32
 
 
-def ensure_fashion_mnist(folder: pathlib.Path) -> pathlib.Path:
-    """The folder holding the four IDX files, unpacked from the Debian package into `folder` if not there yet."""
+def ensure_fashion_mnist(folder: pathlib.Path, splits=tuple(FILES)) -> pathlib.Path:
+    """The folder holding the IDX files of `splits`, unpacked from the Debian package into `folder` (all four files)
+    if they are not there yet."""
     folder = pathlib.Path(folder)
-    if all((folder / name).is_file() for pair in FILES.values() for name in pair):
+    if all((folder / name).is_file() for split in splits for name in FILES[split]):
         return folder
     with tempfile.TemporaryDirectory() as tmp:
         download = ["apt-get", "download", PACKAGE]
