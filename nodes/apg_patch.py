@@ -23,6 +23,9 @@ class APGHook:
     yields APG at w (D_c + (w − 1)·update) and any CFG function or post-CFG patch downstream still composes."""
 
     node_name = DISPLAY_NAME
+    # Marks APG's hook wherever this module was imported from (ComfyUI and scripts import the pack under different
+    # package names, so the class itself is not one object): CFG++ refuses it.
+    reshapes_extrapolation = True
 
     def __init__(self, config: APGConfig):
         self.config = config

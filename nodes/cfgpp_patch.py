@@ -35,7 +35,6 @@ import comfy.samplers
 import comfy.utils
 
 from ..guiders import cfgpp
-from .apg_patch import APGHook
 
 SAMPLER_NODE_ID = "CFGppSampler"
 INVERSION_NODE_ID = "CFGppDDIMInversion"
@@ -68,7 +67,7 @@ def refused_patches(model_options: dict):
             yield (hook.__self__.node_name, "decides when to drop the unconditional pass from CFG's step at the "
                    "guider's cfg, which is 1 under CFG++ (so it would drop it at once), while CFG++ needs the "
                    "unconditional prediction of every step to renoise with")
-        if isinstance(hook, APGHook):
+        if getattr(hook, "reshapes_extrapolation", False):
             yield (hook.node_name, "reshapes CFG's extrapolation beyond the conditional prediction (w > 1), while "
                    "CFG++ interpolates (lambda <= 1) and renoises with the unconditional prediction; at lambda < 1, "
                    "APG's update would keep lambda = 0 from sampling unconditionally")

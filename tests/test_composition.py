@@ -345,6 +345,22 @@ SAMPLER_CASES = [(family, method) for family in ("sd15", "flux")
                  for method in ("ddim", "euler_ancestral", "dpmpp_2m", "dpmpp_2s_ancestral")]
 
 
+def test_cfgpp_refuses_patches_applied_by_scripts(comfy, pack):
+    """Scripts patch a model through the pack's `*_patch.py` modules, which ComfyUI imports again under another
+    module name for its nodes: the CFG++ Sampler (the node) still recognises and refuses them, naming both."""
+    from comfyui_guidance.guiders.adaptive import AGConfig
+    from comfyui_guidance.guiders.apg import APGConfig
+    from comfyui_guidance.nodes.adaptive_patch import apply_ag
+    from comfyui_guidance.nodes.apg_patch import apply_apg
+
+    model = slim_model("sd15", "eps")
+    for patched, name in ((apply_apg(model, APGConfig()), SHOWN_NAMES["APG"]),
+                          (apply_ag(model, AGConfig()), SHOWN_NAMES["AG"])):
+        with pytest.raises(ValueError) as refusal:
+            cfgpp_sample(comfy, patched)
+        assert name in str(refusal.value) and CFGPP in str(refusal.value)
+
+
 @pytest.mark.parametrize("family,method", SAMPLER_CASES, ids=[f"{f}-{m}" for f, m in SAMPLER_CASES])
 def test_pag_term_reaches_every_cfgpp_model_call(comfy, family, method):
     """Under every CFG++ sampler (eps and flow), each model call's guided prediction carries PAG's term: the
