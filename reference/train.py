@@ -4,7 +4,9 @@ Debian's `dataset-fashion-mnist` package (reference/data.py).
     python reference/train.py --comfyui COMFYUI_DIR --data DATA_DIR --out reference/weights
 
 The defaults are the settings that made the shipped weights (seed 0); the diffusion model and the classifier are
-written as reference/weights/fashion_diffusion.safetensors and fashion_classifier.safetensors (float16).
+written as reference/weights/fashion_diffusion.safetensors and fashion_classifier.safetensors (float16), and the
+same training's EMA weights at step --weak-at as fashion_weak_diffusion.safetensors, the weak model for autoguidance
+(`--weak-only` trains just that far and writes just that file; it made the shipped one).
 """
 
 import argparse
@@ -33,6 +35,10 @@ def parse_args():
     p.add_argument("--uncond-prob", type=float, default=0.1, help="classifier-free dropout of the class")
     p.add_argument("--classifier-epochs", type=int, default=8)
     p.add_argument("--skip-classifier", action="store_true")
+    p.add_argument("--weak-at", type=int, default=1000, help="also save the EMA weights at this step as the weak "
+                   "model for autoguidance (fashion_weak_diffusion.safetensors); 0: none")
+    p.add_argument("--weak-only", action="store_true", help="train only up to --weak-at and write only the weak model "
+                   "(the learning rate is constant after warm-up, so this is the same training stopped early)")
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the UNet (the small UNet is launch-bound)")
     return p.parse_args()
@@ -77,7 +83,9 @@ def train_diffusion(args, images, labels, num_classes, device):
     null = num_classes
     g = torch.Generator(device=device).manual_seed(args.seed)
     start = time.time()
-    for step in range(args.steps):
+    weak = None
+    steps = args.weak_at if args.weak_only else args.steps
+    for step in range(steps):
         idx = torch.randint(0, images.shape[0], (args.batch,), device=device, generator=g)
         x0 = augment(to_model_space(images[idx]))
         y = torch.where(torch.rand(args.batch, device=device, generator=g) < args.uncond_prob, null, labels[idx])
@@ -98,14 +106,25 @@ def train_diffusion(args, images, labels, num_classes, device):
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        if step % 500 == 0 or step == args.steps - 1:
+        if step % 500 == 0 or step == steps - 1:
             print(f"diffusion step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
+        if step + 1 == args.weak_at:
+            weak = ema_state(model, params, ema, tokens)
+    return (None if args.weak_only else ema_state(model, params, ema, tokens)), weak, time.time() - start
+
+
+def ema_state(model, params, ema, tokens) -> dict:
+    """The float16 state dict of the EMA weights (the training weights are left as they are)."""
+    trained = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
-    state = {f"diffusion_model.{k}": v.detach().half().contiguous() for k, v in model.diffusion_model.state_dict().items()}
-    state["class_tokens"] = tokens.detach().half().contiguous()
-    return state, time.time() - start
+        state = {f"diffusion_model.{k}": v.detach().half().contiguous()
+                 for k, v in model.diffusion_model.state_dict().items()}
+        state["class_tokens"] = tokens.detach().half().contiguous()
+        for p, t in zip(params, trained):
+            p.copy_(t)
+    return state
 
 
 def train_classifier(args, images, labels, test_images, test_labels, num_classes, device):
@@ -155,10 +174,15 @@ def main():
     command = " ".join(["python", "reference/train.py"] + sys.argv[1:])
     meta = {"class_names": ",".join(CLASS_NAMES), "seed": str(args.seed), "command": command,
             "data": "Fashion-MNIST from Debian package dataset-fashion-mnist 0.0~git20200523.55506a9-1 (MIT)"}
-    state, seconds = train_diffusion(args, train_x, train_y, len(CLASS_NAMES), device)
-    save_file(state, out / "fashion_diffusion.safetensors", metadata=dict(meta, steps=str(args.steps), train_seconds=f"{seconds:.0f}"))
+    state, weak, seconds = train_diffusion(args, train_x, train_y, len(CLASS_NAMES), device)
+    if state is not None:
+        save_file(state, out / "fashion_diffusion.safetensors", metadata=dict(meta, steps=str(args.steps), train_seconds=f"{seconds:.0f}"))
+    if weak is not None:
+        # Autoguidance's weak model (Karras et al. 2024): the same model and training, stopped early.
+        save_file(weak, out / "fashion_weak_diffusion.safetensors",
+                  metadata=dict(meta, steps=str(args.weak_at), of_steps=str(args.steps), role="weak model for autoguidance"))
     report = {"diffusion_train_seconds": seconds, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "command": command}
-    if not args.skip_classifier:
+    if not args.skip_classifier and not args.weak_only:
         cstate, accuracy = train_classifier(args, train_x, train_y, test_x, test_y, len(CLASS_NAMES), device)
         save_file(cstate, out / "fashion_classifier.safetensors", metadata=dict(meta, test_accuracy=f"{accuracy:.4f}"))
         report["classifier_test_accuracy"] = accuracy
