@@ -79,18 +79,22 @@ class ClassifierOnDenoised:
             return torch.cat([torch.softmax(self.logits(part) / temperature, dim=1)
                               for part in denoised.split(self.chunk)])
 
-    def log_prob_gradient(self, denoised: torch.Tensor, target: torch.Tensor,
-                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_gradient(self, denoised: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
+                          log_prob: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(∇_D log p(y | D), log p(y | D)) per sample, with p = softmax(logits / temperature) and y = `target`
-        (indices into the chosen classes, [B]); chunked; the returned tensors carry no graph."""
+        (indices into the chosen classes, [B]), or the per-sample `log_prob(logits, target)` given (a method's own
+        calibrated form); chunked; the returned tensors carry no graph."""
+        if log_prob is None:
+            def log_prob(logits, y):
+                return torch.log_softmax(logits / temperature, dim=1).gather(1, y.view(-1, 1)).squeeze(1)
         grads, log_probs = [], []
         for part, y in zip(denoised.split(self.chunk), target.split(self.chunk)):
             # ComfyUI runs a prompt under inference mode, whose tensors cannot enter a graph: the chunk is copied out
             # of it (the network's weights must have been made outside it too).
             with torch.inference_mode(False), torch.enable_grad():
                 x = part.detach().clone().requires_grad_(True)
-                log_prob = torch.log_softmax(self.logits(x) / temperature, dim=1).gather(1, y.view(-1, 1)).squeeze(1)
-                (grad,) = torch.autograd.grad(log_prob.sum(), x)
+                value = log_prob(self.logits(x), y)
+                (grad,) = torch.autograd.grad(value.sum(), x)
             grads.append(grad.detach())
-            log_probs.append(log_prob.detach())
+            log_probs.append(value.detach())
         return torch.cat(grads), torch.cat(log_probs)
