@@ -15,12 +15,25 @@ steps, as the official code implements them (DDPM/scripts/classifier_sample.py, 
   whose gradient with respect to the denoised estimate x̂₀ (detached from the diffusion model) is the guidance
   direction. τ₂ = τ₁ is the plain log-softmax at temperature 1/τ₁.
 
-The guidance schedule (the DDPM script adds (Σ_t + a_t) · s · ∇ to the posterior mean, with a sine bump
-a_t = max(sin(π t / T) · max Σ · γ, 0), γ = 0.3) belongs to the sampler side and is not here yet.
+and the guidance schedule of the DDPM script (guided_diffusion/gaussian_diffusion.py, `p_sample`): the gradient g
+is added to the posterior mean of the step t → t−1 as (Σ_t + a_t) · s · g, where Σ_t is the step's posterior
+variance, a_t = max(sin(π t/T) · max Σ · γ, 0) a sine bump over the run (t/T the fraction of the run still to go,
+max Σ the largest posterior variance so far, γ = 0.3) and s the classifier scale (1.0).
+
+ComfyUI's samplers take a denoised prediction, not a mean, so the term is carried by the denoised prediction: in
+ComfyUI's coordinates x = x₀ + σ ε (ᾱ = 1/(1 + σ²)), the DDPM posterior mean moves by (1 − σ'²/σ²) · δ when the
+denoised prediction moves by δ (σ' the step's next noise level), and the official term (Σ_t + a_t) s g moves the
+mean in the variance-preserving coordinates x√ᾱ, which is 1/√ᾱ' times as much in ComfyUI's. So
+
+    δ = s (1 + a_t / Σ_t) · σ'² √ᾱ' · g,    Σ_t = ᾱ' σ'² (σ² − σ'²) / σ²  (the posterior variance, VP)
+
+(`denoised_shift`), which makes a DDPM step with the shifted prediction exactly the official guided step (a test
+checks it in float64) and gives every other sampler the same guided prediction.
 """
 
 import copy
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -61,3 +74,25 @@ def calibrated_log_prob(logits: torch.Tensor, target: torch.Tensor, calibration:
     joint = calibration.joint_temperature
     margin = joint * calibration.margin_temperature_discount
     return joint * logits.gather(1, target.view(-1, 1)).squeeze(1) - torch.logsumexp(margin * logits, dim=1)
+
+
+def posterior_variance(sigma: float, sigma_next: float) -> float:
+    """Σ_t of the DDPM step σ → σ' in variance-preserving coordinates: ᾱ' σ'² (σ² − σ'²) / σ²."""
+    return sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / (sigma ** 2 * (1 + sigma_next ** 2))
+
+
+def sine_bump(remaining: float, max_variance: float, gamma: float) -> float:
+    """a_t = max(sin(π t/T) · max Σ · γ, 0), with t/T = `remaining`, the fraction of the run still to go."""
+    return max(math.sin(math.pi * remaining) * max_variance * gamma, 0.0)
+
+
+def denoised_shift(gradient: torch.Tensor, sigma: float, sigma_next: float, remaining: float, max_variance: float,
+                   scale: float, gamma: float) -> torch.Tensor:
+    """δ = s (1 + a_t/Σ_t) σ'² √ᾱ' g: what to add to the denoised prediction at σ (next level σ') so that a DDPM
+    step carries the official term (Σ_t + a_t) s g (see the module docstring). Zero at the last step (σ' = 0), where
+    the official sampler adds no noise and Σ_t = 0."""
+    variance = posterior_variance(sigma, sigma_next)
+    if variance <= 0:
+        return torch.zeros_like(gradient)
+    bump = sine_bump(remaining, max_variance, gamma)
+    return gradient * (scale * (1 + bump / variance) * sigma_next ** 2 / math.sqrt(1 + sigma_next ** 2))

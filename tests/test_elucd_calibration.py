@@ -56,3 +56,34 @@ def test_smoothing_replaces_every_relu_of_a_copy():
 def test_calibration_refuses_non_positive_values(field, value):
     with pytest.raises(ValueError, match=f"{field} must be positive"):
         EluCDCalibration(**{field: value})
+
+
+@pytest.mark.parametrize("sigma,sigma_next,remaining", [(14.6, 9.7, 0.95), (2.0, 1.5, 0.5), (0.3, 0.1, 0.04)])
+def test_denoised_shift_makes_a_ddpm_step_the_official_guided_step(sigma, sigma_next, remaining):
+    """In float64: the official step (DDPM posterior mean in variance-preserving coordinates, plus (Σ_t + a_t) s g)
+    equals the DDPM posterior mean taken in ComfyUI's coordinates x = x₀ + σ ε from the shifted denoised prediction
+    D + δ, mapped back."""
+    from comfyui_guidance.guiders.elucd import denoised_shift, posterior_variance, sine_bump
+
+    g = torch.Generator().manual_seed(7)
+    x, denoised, grad = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g) for _ in range(3))
+    x = x * sigma  # ComfyUI's state at σ
+    scale, gamma, max_variance = 1.5, 0.3, 0.02
+    abar, abar_next = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+    beta = 1 - abar / abar_next
+    x_vp = x * abar ** 0.5
+    mean = (abar_next ** 0.5 * beta / (1 - abar) * denoised
+            + (1 - beta) ** 0.5 * (1 - abar_next) / (1 - abar) * x_vp)
+    variance = (1 - abar_next) / (1 - abar) * beta
+    assert variance == pytest.approx(posterior_variance(sigma, sigma_next), rel=1e-12)
+    official = mean + (variance + sine_bump(remaining, max_variance, gamma)) * scale * grad
+
+    shifted = denoised + denoised_shift(grad, sigma, sigma_next, remaining, max_variance, scale, gamma)
+    mean_comfy = shifted + sigma_next ** 2 / sigma ** 2 * (x - shifted)
+    assert torch.allclose(mean_comfy * abar_next ** 0.5, official, rtol=1e-12, atol=1e-14)
+
+
+def test_no_shift_at_the_last_step():
+    from comfyui_guidance.guiders.elucd import denoised_shift
+
+    assert not denoised_shift(torch.ones(1, 3, 2, 2), 0.5, 0.0, 0.0, 0.1, 1.0, 0.3).any()
