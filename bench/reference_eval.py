@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import metrics  # noqa: E402  (bench/, the script's folder)
 from pack import import_pack  # noqa: E402
+from reference.classifier import load_classifier  # noqa: E402,F401  (also used by the other benches as ref.load_classifier)
 from reference.train import setup_comfyui, to_model_space  # noqa: E402
 
 GRID_SCALES = (1.0, 3.0, 8.0)
@@ -126,16 +127,6 @@ def load_diffusion(path: str):
     if names != CLASS_NAMES:
         raise ValueError(f"{path} was trained on classes {names}, expected {CLASS_NAMES}")
     return load_reference(state_dict, names)
-
-
-def load_classifier(path: str, num_classes: int, device: torch.device):
-    from safetensors.torch import load_file
-
-    from reference.classifier import Classifier
-
-    net = Classifier(num_classes)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()})
-    return net.float().to(device).eval()
 
 
 @torch.no_grad()

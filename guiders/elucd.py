@@ -50,7 +50,7 @@ class EluCDCalibration:
     def __post_init__(self):
         for name in ("softplus_beta", "joint_temperature", "margin_temperature_discount"):
             value = getattr(self, name)
-            if not value > 0 or value != value:
+            if not value > 0:  # NaN fails this too
                 raise ValueError(f"{name} must be positive, not {value}")
 
 

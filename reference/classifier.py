@@ -30,3 +30,12 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def load_classifier(path, num_classes: int, device: torch.device) -> Classifier:
+    """The classifier from its weights file, in float32, in eval mode."""
+    from safetensors.torch import load_file
+
+    net = Classifier(num_classes)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()})
+    return net.to(device).eval()

@@ -109,22 +109,25 @@ def train_diffusion(args, images, labels, num_classes, device):
         if step % 500 == 0 or step == steps - 1:
             print(f"diffusion step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
         if step + 1 == args.weak_at:
-            weak = ema_state(model, params, ema, tokens)
-    return (None if args.weak_only else ema_state(model, params, ema, tokens)), weak, time.time() - start
+            weak = ema_state(model, ema)
+    return (None if args.weak_only else ema_state(model, ema)), weak, time.time() - start
 
 
-def ema_state(model, params, ema, tokens) -> dict:
-    """The float16 state dict of the EMA weights (the training weights are left as they are)."""
-    trained = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
-        state = {f"diffusion_model.{k}": v.detach().half().contiguous()
-                 for k, v in model.diffusion_model.state_dict().items()}
-        state["class_tokens"] = tokens.detach().half().contiguous()
-        for p, t in zip(params, trained):
-            p.copy_(t)
+def ema_state(model, ema) -> dict:
+    """The float16 state dict of the EMA weights: the UNet's state with each parameter replaced by its average
+    (`ema` holds the averages in parameter order, then the class tokens)."""
+    names = [name for name, _ in model.diffusion_model.named_parameters()]
+    averaged = {**model.diffusion_model.state_dict(), **dict(zip(names, ema))}
+    state = {f"diffusion_model.{k}": v.detach().half().contiguous() for k, v in averaged.items()}
+    state["class_tokens"] = ema[len(names)].detach().half().contiguous()
     return state
+
+
+def classification_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Class accuracy of `net` on uint8 images, in batches of 1000."""
+    with torch.no_grad():
+        pred = torch.cat([net(to_model_space(images[i: i + 1000])).argmax(1) for i in range(0, len(images), 1000)])
+    return (pred == labels).float().mean().item()
 
 
 def train_classifier(args, images, labels, test_images, test_labels, num_classes, device):
@@ -147,9 +150,7 @@ def train_classifier(args, images, labels, test_images, test_labels, num_classes
         opt.step()
         sched.step()
     net.eval()
-    with torch.no_grad():
-        pred = torch.cat([net(to_model_space(test_images[i : i + 1000])).argmax(1) for i in range(0, len(test_images), 1000)])
-    accuracy = (pred == test_labels).float().mean().item()
+    accuracy = classification_accuracy(net, test_images, test_labels)
     print(f"classifier test accuracy {accuracy:.4f} ({time.time() - start:.0f}s)", flush=True)
     state = {k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in net.state_dict().items()}
     return state, accuracy

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from reference.data import CLASS_NAMES, ensure_fashion_mnist, load_split  # noqa: E402
 from reference.judge import JUDGE_SEED, JUDGE_TRAIN, Judge, judge_split  # noqa: E402
-from reference.train import augment, to_model_space  # noqa: E402
+from reference.train import augment, classification_accuracy, to_model_space  # noqa: E402
 
 
 def parse_args():
@@ -39,12 +39,6 @@ def shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random translation by up to 2 pixels (zero fill): with only 8,000 images the judge needs more than flips."""
     dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
     return torch.roll(x, (dy, dx), dims=(2, 3))
-
-
-def accuracy(net: Judge, images: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        pred = torch.cat([net(to_model_space(images[i: i + 1000])).argmax(1) for i in range(0, len(images), 1000)])
-    return (pred == labels).float().mean().item()
 
 
 def train(args, images, labels, device):
@@ -79,7 +73,7 @@ def main():
     began = time.time()
     net = train(args, train_x, train_y, device)
     seconds = time.time() - began
-    held_out = accuracy(net, held_x, held_y)
+    held_out = classification_accuracy(net, held_x, held_y)
     command = " ".join(["python", "reference/train_judge.py"] + sys.argv[1:])
     meta = {"class_names": ",".join(CLASS_NAMES), "seed": str(args.seed), "command": command,
             "data": "Fashion-MNIST from Debian package dataset-fashion-mnist 0.0~git20200523.55506a9-1 (MIT)",

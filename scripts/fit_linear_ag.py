@@ -55,10 +55,10 @@ def load_comfyui(path: str, cpu: bool):
     sys.path.insert(0, str(ROOT / "bench"))
     from pack import import_pack
 
-    return import_pack()
+    import_pack()
 
 
-def reference_inputs(pack, width: int, height: int):
+def reference_inputs(width: int, height: int):
     """(model, positive, negative, latent) of the embedded reference model: one image per class, in turn."""
     from comfyui_guidance.nodes.reference import (ALL_CLASSES, DEFAULT_WEIGHTS, EmptyReferenceLatent,
                                                   ReferenceClassConditioning, ReferenceModelLoader)
@@ -88,7 +88,7 @@ def checkpoint_inputs(path: str, positive: str, negative: str, width: int, heigh
 
 def main(argv=None):
     args = parse_args(argv)
-    pack = load_comfyui(args.comfyui, args.cpu)
+    load_comfyui(args.comfyui, args.cpu)
     from comfyui_guidance.nodes.adaptive_patch import fit_linear_ag
 
     # The reference model's defaults: its 32x32 images, the bench's scale, and one image per class in each run.
@@ -98,7 +98,7 @@ def main(argv=None):
     images = images if args.images is None else args.images
     batch = batch if args.batch is None else args.batch
     if args.reference:
-        model, positive, negative, latent = reference_inputs(pack, width, height)
+        model, positive, negative, latent = reference_inputs(width, height)
     else:
         model, positive, negative, latent = checkpoint_inputs(args.checkpoint, args.positive, args.negative, width,
                                                               height)

@@ -14,6 +14,7 @@ to paste when it does not).
 """
 
 import dataclasses
+import functools
 import pathlib
 import re
 
@@ -126,25 +127,21 @@ def ag_pre(steps, unconds, estimated=()):
     return out
 
 
-_LINEAR_AG_FIT = {}
-
-
-def linear_ag_coefficients(comfy):
+@functools.cache
+def linear_ag_coefficients():
     """LinearAG coefficients fitted (once per session) for the matrix's model, sampler, schedule and step count."""
-    if not _LINEAR_AG_FIT:
-        from comfyui_guidance.nodes.adaptive_patch import fit_linear_ag
+    from comfyui_guidance.nodes.adaptive_patch import fit_linear_ag
 
-        model, positive, negative, latent = setup()
-        _LINEAR_AG_FIT["fit"] = fit_linear_ag(model, positive, negative, latent["samples"], "euler", "normal",
-                                              MATRIX_STEPS, CFG, seed=11, images=2, batch=2)
-    return _LINEAR_AG_FIT["fit"]
+    model, positive, negative, latent = setup()
+    return fit_linear_ag(model, positive, negative, latent["samples"], "euler", "normal", MATRIX_STEPS, CFG, seed=11,
+                         images=2, batch=2)
 
 
 def linear_ag(comfy, model):
     from comfyui_guidance.guiders.adaptive import AGConfig
     from comfyui_guidance.nodes.adaptive_patch import LINEAR_DISPLAY_NAME, apply_ag
 
-    return apply_ag(model, AGConfig(AG_THRESHOLD), linear_ag_coefficients(comfy), LINEAR_DISPLAY_NAME)
+    return apply_ag(model, AGConfig(AG_THRESHOLD), linear_ag_coefficients(), LINEAR_DISPLAY_NAME)
 
 
 def linear_ag_estimate(steps, unconds):
@@ -152,7 +149,7 @@ def linear_ag_estimate(steps, unconds):
     estimated call i, D̂_u = x − σ ε̂_u with ε̂_u = a ε_c(i) + b ε_c(i−1) + c ε_u(i−1), the coefficients of call i and
     the true noise directions ε = (x − D)/σ (the previous call is a real one; a switched image's is D_c, which AG
     hands on as its unconditional prediction)."""
-    coefficients = _LINEAR_AG_FIT["fit"].coefficients
+    coefficients = linear_ag_coefficients().coefficients
     out = list(unconds)
     for i in LINEAR_AG_CALLS:
         now, before = steps[i], steps[i - 1]

@@ -3,7 +3,6 @@ process on a checkpoint file (the tests' slim SD1.5 checkpoint with its full-siz
 the LinearAG node accepts for that model and refuses for another."""
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -43,4 +42,4 @@ def test_command_says_what_is_wrong(comfy, tmp_path):
          "--reference", "--cfg", "1", "--out", str(tmp_path / "x.safetensors")],
         capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "cfg is 1" in run.stderr
-    assert not pathlib.Path(tmp_path / "x.safetensors").exists()
+    assert not (tmp_path / "x.safetensors").exists()

@@ -6,11 +6,10 @@ import pathlib
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from conftest import REPO
-from reference.classifier import Classifier
-from reference.data import ensure_fashion_mnist, load_split
+from reference.classifier import Classifier, load_classifier
+from reference.data import CLASS_NAMES, ensure_fashion_mnist, load_split
 from reference.judge import JUDGE_TRAIN, Judge, judge_split, load_judge
 from reference.train import to_model_space
 
@@ -41,10 +40,7 @@ def test_shipped_judge_reaches_its_recorded_accuracy_on_images_it_never_saw():
     images, labels = (torch.from_numpy(a) for a in load_split(ensure_fashion_mnist(DATA, ("test",)), "test"))
     _, (held_x, held_y) = judge_split(images, labels)
     judge = load_judge(WEIGHTS / "fashion_judge.safetensors", torch.device("cpu"))
-    guide = Classifier()
-    guide.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in
-                           load_file(str(WEIGHTS / "fashion_classifier.safetensors")).items()})
-    guide.eval()
+    guide = load_classifier(WEIGHTS / "fashion_classifier.safetensors", len(CLASS_NAMES), torch.device("cpu"))
     with torch.no_grad():
         x = to_model_space(held_x)
         judged, guided = judge(x).argmax(1), guide(x).argmax(1)

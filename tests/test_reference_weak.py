@@ -3,18 +3,12 @@ and training as the shipped one, stopped at step 1000 of 5000. The loader offers
 never saw worse than the full model at every noise level, which is what autoguidance needs from it."""
 
 import torch
-from safetensors import safe_open
 
 from reference.data import ensure_fashion_mnist, load_split
 from reference.train import to_model_space
-from test_reference_judge import DATA, WEIGHTS
+from test_reference_judge import DATA, metadata
 
 WEAK, FULL = "fashion_weak_diffusion.safetensors", "fashion_diffusion.safetensors"
-
-
-def metadata(name):
-    with safe_open(str(WEIGHTS / name), "pt") as f:
-        return f.metadata()
 
 
 def test_weak_model_is_the_same_training_stopped_early():
