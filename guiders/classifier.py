@@ -13,6 +13,10 @@ in memory, and keeps no autograd graph past the call: `probabilities` runs under
 never carries a graph from one step to the next. `classes` restricts the logits to a chosen class set (the softmax is
 then over that set).
 
+`ImageClassifier` is what a classifier loader hands the classifier-guided nodes (the reference classifier, a
+zero-shot CLIP vision classifier): the network, its input, its class names; `target_classes` turns a user's list of
+classes into one target per image.
+
 Plain torch: the network, the decoder and the class set come from the caller. The network must treat the images of
 a batch independently (BatchNorm in eval mode), since one backward pass serves a whole chunk.
 """
@@ -22,10 +26,66 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+# The target list meaning every class of the classifier in turn (as the reference model's class conditioning does).
+ALL_CLASSES = "all classes"
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageClassifier:
+    """A classifier as the classifier-guided nodes receive it.
+
+    network: inputs [N, C, H, W] → logits [N, len(class_names)], in eval mode, float32, its parameters made outside
+    torch.inference_mode (ComfyUI runs nodes under it; inference tensors cannot enter a gradient graph);
+    input_shape: its (C, H, W); space: "image" if it reads RGB images in [0, 1] (ComfyUI's IMAGE range, channels
+    first), decoded from the model's latent by the VAE, or "latent" if it reads the model's denoised latent itself."""
+
+    network: nn.Module
+    input_shape: tuple[int, int, int]
+    class_names: tuple[str, ...]
+    space: str = "image"
+    name: str = "classifier"
+
+    def __post_init__(self):
+        if self.space not in ("image", "latent"):
+            raise ValueError(f"{self.name}: space must be 'image' or 'latent', not {self.space!r}")
+        if len(set(self.class_names)) != len(self.class_names) or not self.class_names:
+            raise ValueError(f"{self.name}: class names must be distinct and at least one")
+
+
+def target_classes(text: str, class_names: tuple[str, ...], images_per_class: int) -> tuple[int, ...]:
+    """One target class index per image: `text` lists classes by name or index, separated by commas (or is
+    ALL_CLASSES: every class in turn); each is repeated `images_per_class` times, in order, as the reference model's
+    class conditioning orders its batch."""
+    if images_per_class < 1:
+        raise ValueError(f"images_per_class must be at least 1, not {images_per_class}")
+    if text.strip().lower() == ALL_CLASSES:
+        chosen = list(range(len(class_names)))
+    else:
+        chosen = [class_index(item.strip(), class_names) for item in text.split(",")]
+    return tuple(index for index in chosen for _ in range(images_per_class))
+
+
+def class_index(item: str, class_names: tuple[str, ...]) -> int:
+    """The index of one class given by name (case-insensitive) or by number."""
+    if not item:
+        raise ValueError("a class is empty: list classes separated by single commas")
+    if item.lstrip("-").isdigit():
+        index = int(item)
+        if not 0 <= index < len(class_names):
+            raise ValueError(f"class {index} is out of range: the classifier has {len(class_names)} classes "
+                             f"(0 to {len(class_names) - 1})")
+        return index
+    lowered = [name.lower() for name in class_names]
+    if item.lower() not in lowered:
+        shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+        raise ValueError(f"the classifier has no class {item!r}; its classes are {shown}")
+    return lowered.index(item.lower())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +149,11 @@ class ClassifierOnDenoised:
                 return torch.log_softmax(logits / temperature, dim=1).gather(1, y.view(-1, 1)).squeeze(1)
         grads, log_probs = [], []
         for part, y in zip(denoised.split(self.chunk), target.split(self.chunk)):
-            # ComfyUI runs a prompt under inference mode, whose tensors cannot enter a graph: the chunk is copied out
-            # of it (the network's weights must have been made outside it too).
+            # ComfyUI runs a prompt under inference mode, whose tensors cannot enter a graph: the chunk and its targets
+            # are copied out of it (the network's weights must have been made outside it too).
             with torch.inference_mode(False), torch.enable_grad():
                 x = part.detach().clone().requires_grad_(True)
-                value = log_prob(self.logits(x), y)
+                value = log_prob(self.logits(x), y.clone())
                 (grad,) = torch.autograd.grad(value.sum(), x)
             grads.append(grad.detach())
             log_probs.append(value.detach())

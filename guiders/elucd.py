@@ -43,22 +43,24 @@ from torch import nn
 class EluCDCalibration:
     """The pre-conditioning settings; defaults from the official DDPM script (ImageNet 128, ResNet-101 guide)."""
 
-    softplus_beta: float = 3.0  # inf: keep the ReLUs
+    softplus_beta: float = 3.0  # 0 (or inf): keep the ReLUs, no smoothing
     joint_temperature: float = 1.0  # τ₁
     margin_temperature_discount: float = 0.5  # d: τ₂ = τ₁ · d
 
     def __post_init__(self):
-        for name in ("softplus_beta", "joint_temperature", "margin_temperature_discount"):
+        if not self.softplus_beta >= 0:  # NaN fails this too
+            raise ValueError(f"softplus_beta must be >= 0 (0: no smoothing), not {self.softplus_beta}")
+        for name in ("joint_temperature", "margin_temperature_discount"):
             value = getattr(self, name)
-            if not value > 0:  # NaN fails this too
+            if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be positive, not {value}")
 
 
 def smooth_activations(network: nn.Module, beta: float) -> tuple[nn.Module, int]:
     """(a copy of `network` with every nn.ReLU module replaced by nn.Softplus(beta), how many were replaced). ReLUs
-    called as functions inside `forward` cannot be replaced and stay; β = inf returns an unchanged copy."""
+    called as functions inside `forward` cannot be replaced and stay; β = 0 or inf returns an unchanged copy."""
     smoothed = copy.deepcopy(network)
-    if beta == float("inf"):
+    if beta in (0, float("inf")):
         return smoothed, 0
     replaced = 0
     for parent in smoothed.modules():
@@ -77,8 +79,9 @@ def calibrated_log_prob(logits: torch.Tensor, target: torch.Tensor, calibration:
 
 
 def posterior_variance(sigma: float, sigma_next: float) -> float:
-    """Σ_t of the DDPM step σ → σ' in variance-preserving coordinates: ᾱ' σ'² (σ² − σ'²) / σ²."""
-    return sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / (sigma ** 2 * (1 + sigma_next ** 2))
+    """Σ_t of the DDPM step σ → σ' in variance-preserving coordinates: ᾱ' σ'² (σ² − σ'²) / σ² (written so that
+    σ = inf, a flow model's first step, gives its limit)."""
+    return sigma_next ** 2 * (1 - (sigma_next / sigma) ** 2) / (1 + sigma_next ** 2)
 
 
 def sine_bump(remaining: float, max_variance: float, gamma: float) -> float:
@@ -96,3 +99,42 @@ def denoised_shift(gradient: torch.Tensor, sigma: float, sigma_next: float, rema
         return torch.zeros_like(gradient)
     bump = sine_bump(remaining, max_variance, gamma)
     return gradient * (scale * (1 + bump / variance) * sigma_next ** 2 / math.sqrt(1 + sigma_next ** 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class EluCDConfig:
+    """Guidance settings; defaults from the official DDPM script (`--classifier_scale 1.0`, `--gamma_factor 0.3`)."""
+
+    scale: float = 1.0  # s
+    gamma: float = 0.3  # γ of the sine bump a_t; 0 gives the plain posterior-variance schedule
+    calibration: EluCDCalibration = EluCDCalibration()
+
+    def __post_init__(self):
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise ValueError(f"scale must be a finite number >= 0, not {self.scale}")
+        if not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise ValueError(f"gamma must be a finite number >= 0, not {self.gamma}")
+
+
+@dataclasses.dataclass
+class EluCDState:
+    """What a run remembers: the largest posterior variance so far (the official sampler's `max_variance`)."""
+
+    max_variance: float = 0.0
+
+
+def step_position(schedule: torch.Tensor, sigma: float) -> tuple[int, float]:
+    """(k, σ') for a model call at `sigma` of a run over `schedule` (σ_0 > … > σ_N): the step k whose interval
+    [σ_{k+1}, σ_k] holds sigma and its next level σ_{k+1}. A sampler's extra calls inside a step (Heun, DPM++ 2S)
+    belong to that step."""
+    levels = schedule.detach().double().cpu().flatten().tolist()
+    tolerance = 1e-5 * max(abs(sigma), 1e-8)
+    for k in range(len(levels) - 1):
+        if levels[k + 1] + tolerance < sigma <= levels[k] + tolerance:
+            return k, levels[k + 1]
+    raise ValueError(f"sigma {sigma:.6g} lies outside this run's schedule ({levels[0]:.6g} to {levels[-1]:.6g})")
+
+
+def remaining_fraction(step: int, steps: int) -> float:
+    """t/T of the official sampler at step `step` of `steps` (0-based): its t counts down from T − 1 to 0."""
+    return (steps - 1 - step) / steps

@@ -7,6 +7,8 @@ from comfy_api.latest import ComfyExtension, io
 from .adaptive import AdaptiveGuidance, FitLinearAG, LinearAG
 from .apg import AdaptiveProjectedGuidance
 from .cfgpp import CFGppDDIMInversion, CFGppDDIMSampleFromInversion, CFGppSampler
+from .classifier import ClassifierTargetClasses, ReferenceClassifierLoader
+from .elucd import EluCDClassifierGuidance
 from .pag import PerturbedAttentionGuidance
 from .reference import EmptyReferenceLatent, ReferenceClassConditioning, ReferenceModelLoader
 
@@ -16,4 +18,5 @@ class GuidanceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [AdaptiveProjectedGuidance, ReferenceModelLoader, ReferenceClassConditioning, EmptyReferenceLatent,
                 PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion,
-                AdaptiveGuidance, LinearAG, FitLinearAG]
+                AdaptiveGuidance, LinearAG, FitLinearAG, ReferenceClassifierLoader, ClassifierTargetClasses,
+                EluCDClassifierGuidance]

@@ -27,8 +27,10 @@ from comfy.samplers import calc_cond_batch
 import slim_models
 from apg_reference import paper_apg
 from comfyui_guidance.guiders import cfgpp
+from comfyui_guidance.guiders.elucd import EluCDConfig
 from cfgpp_reference import noise_prediction, paper_coefficients
 from test_e2e_server import saved_images
+from test_elucd_sampling import ddpm_variance, latent_classifier, official_step_prediction
 from test_pag_sampling import Spy, apg, flux_identity, pag, rel_err, slim_model, unet_identity
 
 CFG = 6.0
@@ -52,6 +54,8 @@ class Step:
     cond: torch.Tensor
     uncond: torch.Tensor
     perturbed: torch.Tensor
+    index: int = 0  # the step's place in the run's schedule
+    schedule: tuple = ()  # σ_0 > … > σ_N
 
 
 def apg_pre(steps, unconds):
@@ -161,6 +165,27 @@ def linear_ag_estimate(steps, unconds):
 
 LINEAR_AG_CALLS = (1,)  # guiders.adaptive.estimated_calls(3): every other call of the first half
 
+ELUCD_TARGETS = (1, 3)
+ELUCD_CONFIG = EluCDConfig(scale=40.0)  # the slim model's latents are small: a scale at which the term shows
+
+
+def elucd(comfy, model):
+    from comfyui_guidance.nodes.classifier_patch import ClassifierTargets
+    from comfyui_guidance.nodes.elucd_patch import apply_elucd
+
+    return apply_elucd(model, ClassifierTargets(latent_classifier(4), ELUCD_TARGETS), ELUCD_CONFIG)
+
+
+def elucd_post(step, uncond, out):
+    """EluCD (test_elucd_sampling's float64 official step) on whatever the stack produced so far."""
+    max_variance = max((ddpm_variance(step.schedule[j], step.schedule[j + 1]) for j in range(step.index)),
+                       default=0.0)
+    steps = len(step.schedule) - 1
+    guided, _ = official_step_prediction(out, latent_classifier(4).network, torch.tensor(ELUCD_TARGETS), step.sigma,
+                                         step.schedule[step.index + 1], (steps - 1 - step.index) / steps,
+                                         max_variance, ELUCD_CONFIG, flow=False)
+    return guided
+
 
 @dataclasses.dataclass(frozen=True)
 class Patch:
@@ -193,8 +218,9 @@ PATCHES = {
                 pre_last=True),
     "LinearAG": Patch(linear_ag, estimate=linear_ag_estimate,
                       pre=lambda steps, unconds: ag_pre(steps, unconds, LINEAR_AG_CALLS), pre_last=True),
+    "EluCD": Patch(elucd, post=elucd_post),
 }
-OURS = ("APG", "PAG", "AG", "LinearAG")
+OURS = ("APG", "PAG", "AG", "LinearAG", "EluCD")
 # Two AG-family nodes on one model would both decide which unconditional passes to skip: refused, naming both.
 AG_FAMILY = {"AG", "LinearAG"}
 REFUSED_PAIRS = [(a, b) for a in AG_FAMILY for b in AG_FAMILY]
@@ -205,7 +231,8 @@ CARRIED_BY_CFGPP = {"PAG"}
 # The names that a refusal must carry for each node (what the user sees on the node).
 SHOWN_NAMES = {"APG": "Adaptive Projected Guidance (APG)", "PAG": "Perturbed-Attention Guidance (PAG)",
                "RescaleCFG": "RescaleCFG", "CFGNorm": "CFGNorm", "CFGZeroStar": "CFGZeroStar", "AG": "Adaptive Guidance (AG)",
-               "LinearAG": "LinearAG (Adaptive Guidance with fitted estimates)", CFGPP: CFGPP}
+               "LinearAG": "LinearAG (Adaptive Guidance with fitted estimates)", "EluCD": "EluCD Classifier Guidance",
+               CFGPP: CFGPP}
 
 
 class StepSpy(Spy):
@@ -223,8 +250,10 @@ class StepSpy(Spy):
 def recorded_steps(spy):
     """The steps of a run; the unconditional prediction is an unpatched call's at the same state (the raw one where
     no patch leaves it out of the model call, as Adaptive Guidance does once an image switches)."""
-    return [Step(x.double(), float(sigma[0]), c.double(), plain[1].double(), p.double())
-            for x, sigma, (c, u), plain, p in zip(spy.inputs, spy.sigmas, spy.raw, spy.plain, spy.perturbed)]
+    schedule = (*(float(sigma[0]) for sigma in spy.sigmas), 0.0)  # one call per step (euler), down to 0 (normal)
+    return [Step(x.double(), float(sigma[0]), c.double(), plain[1].double(), p.double(), i, schedule)
+            for i, (x, sigma, (c, u), plain, p) in enumerate(zip(spy.inputs, spy.sigmas, spy.raw, spy.plain,
+                                                                  spy.perturbed))]
 
 
 def reference_of_stack(names, steps):

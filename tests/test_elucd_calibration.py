@@ -38,7 +38,7 @@ def test_smoothing_replaces_every_relu_of_a_copy():
     smoothed, replaced = smooth_activations(guide, beta=3.0)
     assert replaced == 6 and not any(isinstance(m, torch.nn.ReLU) for m in smoothed.modules())
     assert sum(isinstance(m, torch.nn.ReLU) for m in guide.modules()) == 6  # the original is left as it was
-    assert smooth_activations(guide, float("inf"))[1] == 0
+    assert smooth_activations(guide, float("inf"))[1] == 0 and smooth_activations(guide, 0.0)[1] == 0
 
     def input_gradient(net):
         x_ = x.clone().requires_grad_(True)
@@ -51,11 +51,17 @@ def test_smoothing_replaces_every_relu_of_a_copy():
     assert gaps[0] > 1e-2 and gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-2, gaps  # Softplus(β) → ReLU as β → ∞
 
 
-@pytest.mark.parametrize("field", ["softplus_beta", "joint_temperature", "margin_temperature_discount"])
-@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("field", ["joint_temperature", "margin_temperature_discount"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
 def test_calibration_refuses_non_positive_values(field, value):
     with pytest.raises(ValueError, match=f"{field} must be positive"):
         EluCDCalibration(**{field: value})
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_calibration_refuses_negative_smoothing(value):
+    with pytest.raises(ValueError, match="softplus_beta must be >= 0"):
+        EluCDCalibration(softplus_beta=value)
 
 
 @pytest.mark.parametrize("sigma,sigma_next,remaining", [(14.6, 9.7, 0.95), (2.0, 1.5, 0.5), (0.3, 0.1, 0.04)])
