@@ -21,11 +21,23 @@ PAG_NAME = "Perturbed-Attention Guidance (PAG)"
 APG_INPUTS = {"eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5, "sigma_start": 10000.0, "sigma_end": 0.0}
 PAG_INPUTS = {"scale": 3.0, "adaptive_scale": 0.0, "layers": "auto", "sigma_start": 10000.0, "sigma_end": 0.0,
               "batched": True}
+ELUCD = "GuidanceEluCD"
+ELUCD_NAME = "EluCD Classifier Guidance"
+TARGETS = "GuidanceClassifierTargets"
+TARGETS_NAME = "Classifier Target Classes"
+ELUCD_INPUTS = {"targets": ["9", 0], "scale": 1.0, "gamma": 0.3, "softplus_beta": 3.0, "joint_temperature": 1.0,
+                "margin_temperature_discount": 0.5, "vae": ["1", 1], "chunk": 8}
 
 
-def reference_prompt(patch_class, patch_inputs):
-    """Reference model → the patch node → KSampler (2 steps) → VAE Decode → Save Image, in API format."""
-    return {
+def reference_prompt(patch_class, patch_inputs, target_inputs=None):
+    """Reference model → the patch node → KSampler (2 steps) → VAE Decode → Save Image, in API format; with
+    `target_inputs`, also the reference classifier (node 8) and Classifier Target Classes (node 9) for EluCD."""
+    classifier = {} if target_inputs is None else {
+        "8": {"class_type": "GuidanceReferenceClassifierLoader",
+              "inputs": {"weights": "fashion_classifier.safetensors"}},
+        "9": {"class_type": TARGETS, "inputs": {"classifier": ["8", 0], **target_inputs}},
+    }
+    return classifier | {
         "1": {"class_type": "GuidanceReferenceModelLoader", "inputs": {"weights": "fashion_diffusion.safetensors"}},
         "2": {"class_type": "GuidanceReferenceClassConditioning",
               "inputs": {"classes": ["1", 2], "class_name": "all classes", "images_per_class": 1}},
@@ -53,15 +65,29 @@ BAD_VALUES = [
     (PAG, PAG_NAME, {"adaptive_scale": INF}, "adaptive_scale is inf"),
     (PAG, PAG_NAME, {"sigma_start": 0.5, "sigma_end": 3.0}, "set sigma_start >= sigma_end"),
     (PAG, PAG_NAME, {"layers": "midle.0, output.1"}, "layers has midle.0, which is no layer name"),
+    (ELUCD, ELUCD_NAME, {"scale": NAN}, "scale is nan"),
+    (ELUCD, ELUCD_NAME, {"gamma": -1.0}, "gamma is -1: enter a number between 0 and 10"),
+    (ELUCD, ELUCD_NAME, {"softplus_beta": INF}, "softplus_beta is inf"),
+    (ELUCD, ELUCD_NAME, {"margin_temperature_discount": 0.0}, "margin_temperature_discount is 0"),
 ]
-DEFAULT_INPUTS = {APG: APG_INPUTS, PAG: PAG_INPUTS}
+DEFAULT_INPUTS = {APG: APG_INPUTS, PAG: PAG_INPUTS, ELUCD: ELUCD_INPUTS}
+GOOD_TARGETS = {"classes": "all classes", "images_per_class": 1}
+BAD_TARGETS = [
+    ({"classes": "sneaker,,bag"}, "has an empty entry"),
+    ({"classes": "-1"}, "classes has -1: class numbers start at 0"),
+    ({"images_per_class": 0}, "images_per_class is 0"),
+]
+
+
+def prompt_for(node, changes):
+    return reference_prompt(node, DEFAULT_INPUTS[node] | changes, GOOD_TARGETS if node == ELUCD else None)
 
 
 @pytest.mark.parametrize("node,name,changes,message", BAD_VALUES,
                          ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, _, c, _ in BAD_VALUES])
 def test_bad_value_is_refused_at_queue_time(comfy_server, node, name, changes, message):
     """/prompt answers 400 before anything runs; the node's error names the node, the input and the fix."""
-    status, body = comfy_server.request("/prompt", {"prompt": reference_prompt(node, DEFAULT_INPUTS[node] | changes)})
+    status, body = comfy_server.request("/prompt", {"prompt": prompt_for(node, changes)})
     assert status == 400, body[:500]
     reply = json.loads(body)
     errors = reply["node_errors"]["4"]["errors"]
@@ -70,12 +96,32 @@ def test_bad_value_is_refused_at_queue_time(comfy_server, node, name, changes, m
     assert set(changes) <= {e["extra_info"]["input_name"] for e in errors}
 
 
+@pytest.mark.parametrize("changes,message", BAD_TARGETS, ids=[str(c) for c, _ in BAD_TARGETS])
+def test_bad_target_classes_are_refused_at_queue_time(comfy_server, changes, message):
+    prompt = reference_prompt(ELUCD, ELUCD_INPUTS, GOOD_TARGETS | changes)
+    status, body = comfy_server.request("/prompt", {"prompt": prompt})
+    assert status == 400, body[:500]
+    details = {e["details"] for e in json.loads(body)["node_errors"]["9"]["errors"]}
+    assert all(f"{TARGETS_NAME}: " in d and message in d for d in details), details
+
+
+def test_unknown_class_name_stops_the_run_naming_the_classes(comfy_server):
+    """A class name the classifier lacks can only be checked against the loaded classifier: the run stops with the
+    node's name and the classifier's classes."""
+    entry = comfy_server.run_prompt(reference_prompt(ELUCD, ELUCD_INPUTS, GOOD_TARGETS | {"classes": "sneakers"}))
+    assert entry["status"]["status_str"] == "error"
+    message = next(m[1]["exception_message"] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert TARGETS in message and "no class 'sneakers'" in message and "sneaker, bag" in message
+
+
 def test_good_values_still_run(comfy_server):
     """The same prompts with good values run, so the checks refuse only what is wrong."""
     for node in (APG, PAG):
         entry = comfy_server.run_prompt(reference_prompt(node, DEFAULT_INPUTS[node] | {"sigma_start": 5.0,
                                                                                        "sigma_end": 5.0}))
         assert entry["status"]["status_str"] == "success"
+    entry = comfy_server.run_prompt(prompt_for(ELUCD, {"scale": 0.0, "softplus_beta": 0.0, "gamma": 0.0}))
+    assert entry["status"]["status_str"] == "success"
 
 
 def pack_nodes():
