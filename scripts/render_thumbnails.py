@@ -1,7 +1,8 @@
 """Renders the template browser's thumbnails: `workflows/<name>.jpg` beside each UI workflow, from that workflow's
 own output. One command, in the host that scripts/setup_host.sh builds:
 
-    bash scripts/render_thumbnails.sh
+    bash scripts/render_thumbnails.sh                    # every workflow
+    bash scripts/render_thumbnails.sh "<workflow name>"  # only these (file names without .json)
 
 Each API-format twin (`workflows/api/<name>.json`) is queued on a real ComfyUI server with this pack. The reference
 model's workflow runs as shipped (32x32, trained weights: real images); the SD workflows run on the tests' slim
@@ -61,7 +62,13 @@ def thumbnail(rows: list[list[Image.Image]]) -> Image.Image:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--comfyui", required=True, help="ComfyUI folder (scripts/setup_host.sh prints it)")
+    parser.add_argument("names", nargs="*", help="workflows to render, by file name without .json (default: all)")
     args = parser.parse_args()
+    apis = sorted((WORKFLOWS / "api").glob("*.json"))
+    unknown = set(args.names) - {api.stem for api in apis}
+    if unknown:
+        parser.error(f"no such workflow: {', '.join(sorted(unknown))}")
+    apis = [api for api in apis if not args.names or api.stem in args.names]
     comfyui = pathlib.Path(args.comfyui)
     with tempfile.TemporaryDirectory(prefix="guidance-thumbnails-") as base:
         base = pathlib.Path(base)
@@ -72,7 +79,7 @@ def main():
         server = ComfyServer(base, comfyui)
         try:
             server.start()
-            for api in sorted((WORKFLOWS / "api").glob("*.json")):
+            for api in apis:
                 prompt = json.loads(api.read_text())
                 if any(n["class_type"] == "CheckpointLoaderSimple" for n in prompt.values()):
                     prompt = shrunk(prompt)
