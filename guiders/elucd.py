@@ -57,11 +57,12 @@ class EluCDCalibration:
 
 
 def smooth_activations(network: nn.Module, beta: float) -> tuple[nn.Module, int]:
-    """(a copy of `network` with every nn.ReLU module replaced by nn.Softplus(beta), how many were replaced). ReLUs
-    called as functions inside `forward` cannot be replaced and stay; β = 0 or inf returns an unchanged copy."""
+    """(`network` with every nn.ReLU module replaced by nn.Softplus(beta), in a copy; how many were replaced). ReLUs
+    called as functions inside `forward` cannot be replaced and stay. With nothing to replace (β = 0 or inf, or no
+    ReLU module, e.g. CLIP's GELUs) the network itself is returned, not a copy: a large classifier is kept once."""
+    if beta in (0, float("inf")) or not any(isinstance(m, nn.ReLU) for m in network.modules()):
+        return network, 0
     smoothed = copy.deepcopy(network)
-    if beta in (0, float("inf")):
-        return smoothed, 0
     replaced = 0
     for parent in smoothed.modules():
         for name, child in parent.named_children():

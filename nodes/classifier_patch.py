@@ -97,7 +97,8 @@ def differentiable_decoder(vae, latent_format, node_name: str):
     a, b = output_map(vae)
 
     def decode(denoised: torch.Tensor) -> torch.Tensor:
-        decoder.to(denoised.device)
+        with torch.inference_mode(False):  # moved under inference mode, its weights could not enter the graph
+            decoder.to(denoised.device)
         images = decoder.decode(latent_format.process_out(denoised).to(dtype)).float()
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{node_name}: the VAE decodes this model's latents to shape {tuple(images.shape)}, "

@@ -31,9 +31,8 @@ DISPLAY_NAME = "EluCD Classifier Guidance"
 
 def apply_elucd(model, targets: ClassifierTargets, config: EluCDConfig, vae=None, chunk: int = DEFAULT_CHUNK):
     """A clone of the ModelPatcher `model` with EluCD's classifier guidance added after the CFG step."""
-    with torch.inference_mode(False):  # the smoothed copy must hold ordinary tensors (see classifier_patch.py)
+    with torch.inference_mode(False):  # a smoothed copy must hold ordinary tensors (see classifier_patch.py)
         network, _ = smooth_activations(targets.classifier.network, config.calibration.softplus_beta)
-    network.eval().requires_grad_(False)
     classifier = classifier_on_denoised(targets.classifier, network, model, vae, DISPLAY_NAME, chunk)
     flow = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
     patched = model.clone()
@@ -78,7 +77,8 @@ class EluCDHook:
         state = run_state(args["model_options"], self, EluCDState)
         state.max_variance = max(state.max_variance, posterior_variance(rho, rho_next))
         target = self.targets.for_batch(denoised.shape[0], DISPLAY_NAME, denoised.device)
-        self.network.to(denoised.device)
+        with torch.inference_mode(False):  # moved under inference mode, its weights could not enter the graph
+            self.network.to(denoised.device)
         gradient, _ = self.classifier.log_prob_gradient(denoised, target, log_prob=self.log_prob)
         if not torch.isfinite(gradient).all():
             raise ValueError(f"{NODE_ID}: the classifier's gradient is not finite at sigma {sigma:.4g}; check the "

@@ -8,6 +8,7 @@ from .adaptive import AdaptiveGuidance, FitLinearAG, LinearAG
 from .apg import AdaptiveProjectedGuidance
 from .cfgpp import CFGppDDIMInversion, CFGppDDIMSampleFromInversion, CFGppSampler
 from .classifier import ClassifierTargetClasses, ReferenceClassifierLoader
+from .clip_classifier import CLIPVisionZeroShotClassifier
 from .elucd import EluCDClassifierGuidance
 from .pag import PerturbedAttentionGuidance
 from .reference import EmptyReferenceLatent, ReferenceClassConditioning, ReferenceModelLoader
@@ -18,5 +19,5 @@ class GuidanceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [AdaptiveProjectedGuidance, ReferenceModelLoader, ReferenceClassConditioning, EmptyReferenceLatent,
                 PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion,
-                AdaptiveGuidance, LinearAG, FitLinearAG, ReferenceClassifierLoader, ClassifierTargetClasses,
-                EluCDClassifierGuidance]
+                AdaptiveGuidance, LinearAG, FitLinearAG, ReferenceClassifierLoader, CLIPVisionZeroShotClassifier,
+                ClassifierTargetClasses, EluCDClassifierGuidance]
