@@ -8,10 +8,12 @@ fashion_classifier.safetensors) guiding each image towards its balanced label:
 
 - the unconditional model (the empty class as the prompt, cfg 1), unguided and under EluCD at each of --scales: the
   paper's setting, an off-the-shelf classifier making an unconditional model class-conditional;
-- EluCD's ablations at --ablation-scale on the unconditional model, each removing one pre-conditioning step: no
-  smoothing (softplus β 0, the ReLUs kept), no temperature calibration (margin discount 1, the plain log-softmax),
-  no sine bump (γ 0), and all three at once ("uncalibrated": the plain log-softmax gradient of the ReLU classifier
-  on the plain posterior-variance schedule);
+- EluCD's ablations on the unconditional model, each removing one pre-conditioning step, each at every one of
+  --scales: no smoothing (softplus β 0, the ReLUs kept), no temperature calibration (margin discount 1, the plain
+  log-softmax), no sine bump (γ 0), and all three at once ("uncalibrated": the plain log-softmax gradient of the ReLU
+  classifier on the plain posterior-variance schedule). Removing a step also changes the gradient's size, so one
+  scale is not a fair comparison: each variant is compared with the full method on its accuracy-FD curve (FD at the
+  same judge accuracy, interpolated along the scale sweep);
 - the conditional model at cfg 1 and with CFG at --cfg, each alone and under EluCD at --combined-scale, and APG at
   --cfg (bench/reference_eval.py's apg_r2.5, the APG setting that does best on this model there) alone and under EluCD.
 
@@ -21,8 +23,8 @@ classifier and under the independent judge (reference/judge.py) side by side, ms
 the sampling calls over the images, after a 2-step warm-up run of the same setting) and peak GPU memory of the sampling
 calls (torch.cuda.max_memory_allocated, reset per setting). The guide's and the judge's accuracy on the judge's
 held-out real images give the scale. The report states, from the numbers, whether the paper's directions of effect
-are reproduced (calibrated beats uncalibrated guidance, guidance makes the unconditional model class-conditional,
-EluCD adds to CFG), on judge accuracy and FD.
+are reproduced: calibrated beats uncalibrated guidance (and each step helps) at matched judge accuracy, guidance
+makes the unconditional model class-conditional, EluCD adds to the conditional model and to CFG.
 
 Part 2, the cost on an SDXL-size model (bench/apg_bench.py's `build_sdxl`: ComfyUI's model_base.SDXL, base config,
 random fp16 weights) at 1024² (latent 128²), one image, CFG batch of 2, with a classifier on the decoded image: an
@@ -97,8 +99,10 @@ def parse_args():
     p.add_argument("--commit", default="unknown")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--sampler", default="ddpm")
-    p.add_argument("--scales", default="1,2,4", help="EluCD scales on the unconditional model")
-    p.add_argument("--ablation-scale", type=float, default=2.0)
+    p.add_argument("--scales", default="0.5,1,2,4,8",
+                   help="EluCD scales on the unconditional model, for the full method and each ablation")
+    p.add_argument("--ablation-scale", type=float, default=2.0,
+                   help="the scale at which the unconditional model's guided and unguided rows are compared")
     p.add_argument("--cfg", type=float, default=3.0, help="CFG (and APG) scale of the combined settings")
     p.add_argument("--combined-scale", type=float, default=1.0, help="EluCD scale on top of the conditional model")
     p.add_argument("--per-class", type=int, default=100)
@@ -172,23 +176,21 @@ def reference_part(args, device) -> dict:
     def guided(base, config):
         return patch.apply_elucd(base, targets, config, vae, chunk=batch)
 
-    def ablated(**changes):
-        return elucd.EluCDConfig(args.ablation_scale, **changes)
-
     a, w, s = args.ablation_scale, args.cfg, args.combined_scale
     apg = ref.guidance_methods()["apg_r2.5"](model, w)
     calibration = elucd.EluCDCalibration
+    variants = {  # the full method and the paper's ablations, each with its changes to EluCD's defaults
+        FULL: {},
+        "no smoothing": {"calibration": calibration(softplus_beta=0.0)},
+        "no temperature calibration": {"calibration": calibration(margin_temperature_discount=1.0)},
+        "no sine bump": {"gamma": 0.0},
+        UNCALIBRATED: {"gamma": 0.0, "calibration": calibration(softplus_beta=0.0, margin_temperature_discount=1.0)},
+    }
     settings = [("uncond", "unconditional", ref.Setup(model, 1.0), {})]
-    settings += [(f"uncond + EluCD s={x:g}", "unconditional", ref.Setup(guided(model, elucd.EluCDConfig(x)), 1.0),
-                  {"elucd_scale": x}) for x in sorted(set(args.scales) | {a})]
-    settings += [(f"uncond + EluCD s={a:g}, {name}", "unconditional", ref.Setup(guided(model, config), 1.0),
-                  {"elucd_scale": a, "ablation": name}) for name, config in [
-        ("no smoothing", ablated(calibration=calibration(softplus_beta=0.0))),
-        ("no temperature calibration", ablated(calibration=calibration(margin_temperature_discount=1.0))),
-        ("no sine bump", ablated(gamma=0.0)),
-        ("uncalibrated",
-         ablated(gamma=0.0, calibration=calibration(softplus_beta=0.0, margin_temperature_discount=1.0))),
-    ]]
+    settings += [(variant_setting(variant, x), "unconditional",
+                  ref.Setup(guided(model, elucd.EluCDConfig(x, **changes)), 1.0),
+                  {"elucd_scale": x, "variant": variant})
+                 for variant, changes in variants.items() for x in sorted(set(args.scales) | {a})]
     settings += [
         ("cond cfg 1", "conditional", ref.Setup(model, 1.0), {}),
         (f"cond cfg 1 + EluCD s={s:g}", "conditional", ref.Setup(guided(model, elucd.EluCDConfig(s)), 1.0),
@@ -218,10 +220,44 @@ def reference_part(args, device) -> dict:
               f"acc guide {row['class_accuracy']:.3f} judge {row['judge_accuracy']:.3f}", flush=True)
     return {"images": len(labels), "batch": batch, "unet_dtype": str(model.model.get_dtype()), "steps": args.steps,
             "sampler": args.sampler, "scheduler": args.scheduler, "cfg": w, "ablation_scale": a, "combined_scale": s,
+            "scales": sorted(set(args.scales) | {a}),
             "apg": dataclasses.asdict(apg.model.model_options["sampler_pre_cfg_function"][-1].config),
             "elucd_defaults": dataclasses.asdict(elucd.EluCDConfig()),
             "held_out": held_out, "test_split_guide_accuracy": real.test_accuracy, "rows": rows,
             "directions": directions(rows, a, w, s)}
+
+
+FULL = "EluCD"
+UNCALIBRATED = "uncalibrated"
+
+
+def variant_setting(variant: str, scale: float) -> str:
+    return f"uncond + EluCD s={scale:g}" + ("" if variant == FULL else f", {variant}")
+
+
+def fd_at_accuracy(rows: list, accuracy_level: float) -> float | None:
+    """FD of a variant's scale sweep at a judge accuracy, by linear interpolation between the two sweep points
+    around it (ordered by accuracy); None outside the sweep's range."""
+    points = sorted((r["judge_accuracy"], r["fd"]) for r in rows)
+    for (a0, f0), (a1, f1) in zip(points, points[1:]):
+        if a0 <= accuracy_level <= a1:
+            return f0 if a1 == a0 else f0 + (f1 - f0) * (accuracy_level - a0) / (a1 - a0)
+    return None
+
+
+def matched(rows: list, better: str, worse: str) -> dict:
+    """Whether variant `better` reaches each judge accuracy of its sweep with a lower FD than variant `worse` (its
+    sweep interpolated to that accuracy): a guidance variant that is only stronger or weaker at one scale is compared
+    fairly, on the accuracy-FD trade-off the scale sweeps out."""
+    sweep = {v: [r for r in rows if r.get("variant") == v] for v in (better, worse)}
+    pairs = [(r["judge_accuracy"], r["fd"], fd_at_accuracy(sweep[worse], r["judge_accuracy"]))
+             for r in sorted(sweep[better], key=lambda r: r["judge_accuracy"])]
+    pairs = [p for p in pairs if p[2] is not None]
+    lower = sum(fd < other for _, fd, other in pairs)
+    word = ("no common accuracy range" if not pairs else "reproduced" if lower == len(pairs)
+            else "not reproduced" if lower == 0 else f"mixed ({lower} of {len(pairs)} points)")
+    return {"verdict": word, "better": better, "worse": worse,
+            "points": [{"judge_accuracy": a, "fd": [fd, other]} for a, fd, other in pairs]}
 
 
 def verdict(better: dict, worse: dict) -> dict:
@@ -241,17 +277,19 @@ def verdict(better: dict, worse: dict) -> dict:
 def directions(rows: list, a: float, w: float, s: float) -> dict:
     """The paper's directions of effect, each judged from the rows (`verdict`)."""
     by = {r["setting"]: r for r in rows}
-    full = by[f"uncond + EluCD s={a:g}"]
+    at_matched_accuracy = {
+        "calibrated guidance beats uncalibrated": matched(rows, FULL, UNCALIBRATED),
+        "smoothing helps": matched(rows, FULL, "no smoothing"),
+        "temperature calibration helps": matched(rows, FULL, "no temperature calibration"),
+        "the sine bump helps": matched(rows, FULL, "no sine bump"),
+    }
     claims = {
-        "calibrated guidance beats uncalibrated": (full, by[f"uncond + EluCD s={a:g}, uncalibrated"]),
-        "smoothing helps": (full, by[f"uncond + EluCD s={a:g}, no smoothing"]),
-        "temperature calibration helps": (full, by[f"uncond + EluCD s={a:g}, no temperature calibration"]),
-        "the sine bump helps": (full, by[f"uncond + EluCD s={a:g}, no sine bump"]),
-        "classifier guidance makes the unconditional model class-conditional": (full, by["uncond"]),
+        "classifier guidance makes the unconditional model class-conditional": (by[variant_setting(FULL, a)],
+                                                                               by["uncond"]),
         "EluCD improves the conditional model": (by[f"cond cfg 1 + EluCD s={s:g}"], by["cond cfg 1"]),
         "EluCD improves CFG": (by[f"CFG {w:g} + EluCD s={s:g}"], by[f"CFG {w:g}"]),
     }
-    return {claim: verdict(*pair) for claim, pair in claims.items()}
+    return {"matched": at_matched_accuracy, "pairs": {claim: verdict(*pair) for claim, pair in claims.items()}}
 
 
 @torch.no_grad()
@@ -472,7 +510,7 @@ def markdown(report: dict) -> str:
               "independent classifier. The unconditional model is the empty class as the prompt at cfg 1 "
               "(accuracy near chance, 0.1, expected). "
               f"APG is bench/reference_eval.py's apg_r2.5: {part['apg']}. EluCD defaults: {part['elucd_defaults']}; "
-              f"ablations at s = {part['ablation_scale']:g}. Sampling in calls of {part['batch']} images, the "
+              f"scales {', '.join(f'{x:g}' for x in part['scales'])}. Sampling in calls of {part['batch']} images, the "
               f"classifier in one chunk per call. ms/image: synchronised wall time of the sampling calls after a "
               f"2-step warm-up of the same setting; peak memory: torch.cuda.max_memory_allocated over the sampling "
               f"calls, model weights included.", "",
@@ -485,8 +523,16 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['setting']} | {r['fd']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{r['class_accuracy']:.3f} | {r['judge_accuracy']:.3f} | {r['ms_per_image']:.3f} | "
                      f"{fmt(r['peak_mib'], '.0f')} |")
-    lines += ["", "Directions of effect (better: higher judge accuracy and lower FD):", ""]
-    for claim, v in part["directions"].items():
+    lines += ["", "The paper's ablations, on the accuracy-FD trade-off: each variant's scale sweep (--scales), and "
+              "at each judge accuracy that the full method reaches, its FD against the other variant's sweep "
+              "interpolated to the same accuracy (a variant that is merely stronger at one scale is not "
+              "rewarded for it):", ""]
+    for claim, v in part["directions"]["matched"].items():
+        points = "; ".join(f"{p['judge_accuracy']:.3f}: {p['fd'][0]:.2f} vs {p['fd'][1]:.2f}" for p in v["points"])
+        lines.append(f"- {claim}: **{v['verdict']}** (judge accuracy: FD of {v['better']} vs {v['worse']}: "
+                     f"{points or 'none'})")
+    lines += ["", "Single comparisons (better: higher judge accuracy and lower FD):", ""]
+    for claim, v in part["directions"]["pairs"].items():
         lines.append(f"- {claim}: **{v['verdict']}** ({v['better']} vs {v['worse']}: judge accuracy "
                      f"{v['judge_accuracy'][0]:.3f} vs {v['judge_accuracy'][1]:.3f}, FD {v['fd'][0]:.3f} vs "
                      f"{v['fd'][1]:.3f})")
