@@ -10,8 +10,8 @@ chosen to keep the abstract's two operations and make the map's reach explicit i
     s(p)   = max(0, 1 − d(p) / radius)            (1 on a marker, 0 beyond `radius` pixels)
     S      = G_σ * s, divided by its maximum       (Gaussian filter, σ = `sigma` pixels; the map's peak is 1)
 
-`radius` and `sigma` default to an eighth and a sixteenth of the image's shorter side (`default_radius`,
-`default_sigma`). The map weights a guidance method's update per latent position (`latent_weights`: resized to the
+`radius` and `sigma` default to an eighth and a sixteenth of the image's shorter side (DEFAULT_RADIUS,
+DEFAULT_SIGMA). The map weights a guidance method's update per latent position (`latent_weights`: resized to the
 latent by area averaging, one map per image, the same map for every frame of a video latent or one per frame).
 
 Plain torch; the distance transform is exact (Felzenszwalb & Huttenlocher's separable form as two min-plus passes,
@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 TRUNCATE = 4.0  # the Gaussian kernel reaches TRUNCATE·σ, as scipy's default
+# The map's reach and softness as fractions of the image's shorter side, so one setting fits every size.
+DEFAULT_RADIUS = 1 / 8
+DEFAULT_SIGMA = 1 / 16
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
@@ -128,14 +131,6 @@ def gaussian_filter(images: torch.Tensor, sigma: float) -> torch.Tensor:
     for dim, shape in ((2, (1, 1, -1, 1)), (3, (1, 1, 1, -1))):
         out = F.conv2d(_reflect_pad(out, radius, dim), kernel.view(shape))
     return out.squeeze(1)
-
-
-def default_radius(height: int, width: int) -> float:
-    return min(height, width) / 8
-
-
-def default_sigma(height: int, width: int) -> float:
-    return min(height, width) / 16
 
 
 def saliency_map(markers: torch.Tensor, radius: float, sigma: float) -> torch.Tensor:

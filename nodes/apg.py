@@ -48,6 +48,11 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
                     "sigma_end", default=defaults.sigma_end, min=SIGMA_MIN, max=SIGMA_MAX, step=0.01,
                     tooltip="Lowest sigma at which APG acts (see sigma_start). 0 keeps it on to the last step.",
                 ),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: where APG guides, per position (a MASK at image size, resized to the "
+                              "latent; one for all images or one per image). 1 = APG as is, 0 = the conditional "
+                              "prediction (no guidance), values between blend the two. Saliency Map From Markers "
+                              "makes one."),
             ],
             outputs=[io.Model.Output(tooltip="The model with APG applied at the sampler's CFG step.")],
         )
@@ -57,9 +62,9 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
         return check_widgets(cls, values, sigma_range_rule)
 
     @classmethod
-    def execute(cls, model, eta, norm_threshold, momentum, sigma_start, sigma_end) -> io.NodeOutput:
+    def execute(cls, model, eta, norm_threshold, momentum, sigma_start, sigma_end, mask=None) -> io.NodeOutput:
         try:
             config = APGConfig(eta, norm_threshold, momentum, sigma_start, sigma_end)
         except ValueError as e:  # values that came through links, which queue-time validation cannot see
             raise ValueError(f"{NODE_ID}: {e}.") from e
-        return io.NodeOutput(apply_apg(model, config))
+        return io.NodeOutput(apply_apg(model, config, mask))

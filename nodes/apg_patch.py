@@ -4,17 +4,21 @@ Kept apart from the node class so that scripts (benchmarks, evaluation) can patc
 without importing ComfyUI's node API.
 """
 
+import torch
+
 from ..guiders.apg import APGConfig, APGState, apg_cfg_uncond
+from ..guiders.saliency import latent_weights
 from .run_state import run_state
 
 NODE_ID = "AdaptiveProjectedGuidance"
 DISPLAY_NAME = "Adaptive Projected Guidance (APG)"
 
 
-def apply_apg(model, config: APGConfig):
-    """A clone of the ModelPatcher `model` with APG at the sampler's CFG step."""
+def apply_apg(model, config: APGConfig, mask: torch.Tensor | None = None):
+    """A clone of the ModelPatcher `model` with APG at the sampler's CFG step; `mask` (a MASK, [B, H, W] in [0, 1])
+    weights APG per position: 1 is APG, 0 the conditional prediction (no guidance)."""
     patched = model.clone()
-    patched.set_model_sampler_pre_cfg_function(APGHook(config))
+    patched.set_model_sampler_pre_cfg_function(APGHook(config, mask))
     return patched
 
 
@@ -27,8 +31,9 @@ class APGHook:
     # package names, so the class itself is not one object): CFG++ refuses it.
     reshapes_extrapolation = True
 
-    def __init__(self, config: APGConfig):
+    def __init__(self, config: APGConfig, mask: torch.Tensor | None = None):
         self.config = config
+        self.mask = mask
 
     def __call__(self, args: dict) -> list:
         conds_out = args["conds_out"]
@@ -46,4 +51,6 @@ class APGHook:
                 f"{NODE_ID}: {e} at sigma {sigma:.4g}. The model produced it before APG ran: run the model in "
                 "float32 (e.g. start ComfyUI with --force-fp32) or check the checkpoint and LoRAs."
             ) from e
+        if self.mask is not None:  # CFG at w of lerp(D_c, u, m) is D_c + m (w − 1) update: 0 leaves D_c
+            guided_uncond = torch.lerp(cond, guided_uncond, latent_weights(self.mask, cond, NODE_ID))
         return [cond, guided_uncond, *conds_out[2:]]

@@ -50,6 +50,11 @@ class EluCDClassifierGuidance(io.ComfyNode):
                 io.Int.Input("chunk", default=DEFAULT_CHUNK, min=1, max=4096,
                              tooltip="Images per classifier pass (decode, forward and backward). Lower it if the "
                              "pass runs out of memory on large images; the result is the same."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: where EluCD guides, per position (a MASK at image size, resized to "
+                              "the latent; one for all images or one per image). 1 = EluCD as is, 0 = the prediction "
+                              "without EluCD's shift, values between blend the two. Saliency Map From Markers makes "
+                              "one."),
             ],
             outputs=[io.Model.Output(tooltip="The model with EluCD added to the sampler's guidance.")],
         )
@@ -60,10 +65,10 @@ class EluCDClassifierGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, targets, scale, gamma, softplus_beta, joint_temperature, margin_temperature_discount,
-                vae=None, chunk=DEFAULT_CHUNK) -> io.NodeOutput:
+                vae=None, chunk=DEFAULT_CHUNK, mask=None) -> io.NodeOutput:
         try:
             config = EluCDConfig(scale, gamma, EluCDCalibration(softplus_beta, joint_temperature,
                                                                 margin_temperature_discount))
-            return io.NodeOutput(apply_elucd(model, targets, config, vae, chunk))
+            return io.NodeOutput(apply_elucd(model, targets, config, vae, chunk, mask))
         except ValueError as e:  # values that came through links, and a classifier that does not fit the model
             raise ValueError(f"{NODE_ID}: {e}.") from e

@@ -22,6 +22,7 @@ import comfy.model_sampling
 
 from ..guiders.elucd import (EluCDConfig, EluCDState, calibrated_log_prob, denoised_shift, posterior_variance,
                              remaining_fraction, smooth_activations, step_position)
+from ..guiders.saliency import latent_weights
 from .classifier_patch import DEFAULT_CHUNK, ClassifierTargets, classifier_on_denoised
 from .run_state import run_state
 
@@ -29,14 +30,16 @@ NODE_ID = "GuidanceEluCD"
 DISPLAY_NAME = "EluCD Classifier Guidance"
 
 
-def apply_elucd(model, targets: ClassifierTargets, config: EluCDConfig, vae=None, chunk: int = DEFAULT_CHUNK):
-    """A clone of the ModelPatcher `model` with EluCD's classifier guidance added after the CFG step."""
+def apply_elucd(model, targets: ClassifierTargets, config: EluCDConfig, vae=None, chunk: int = DEFAULT_CHUNK,
+                mask: torch.Tensor | None = None):
+    """A clone of the ModelPatcher `model` with EluCD's classifier guidance added after the CFG step; `mask` (a MASK,
+    [B, H, W] in [0, 1]) weights its shift per position: 1 is EluCD, 0 leaves the prediction without it."""
     with torch.inference_mode(False):  # a smoothed copy must hold ordinary tensors (see classifier_patch.py)
         network, _ = smooth_activations(targets.classifier.network, config.calibration.softplus_beta)
     classifier = classifier_on_denoised(targets.classifier, network, model, vae, DISPLAY_NAME, chunk)
     flow = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
     patched = model.clone()
-    patched.set_model_sampler_post_cfg_function(EluCDHook(classifier, network, targets, config, flow))
+    patched.set_model_sampler_post_cfg_function(EluCDHook(classifier, network, targets, config, flow, mask))
     return patched
 
 
@@ -52,7 +55,9 @@ class EluCDHook:
 
     node_name = DISPLAY_NAME
 
-    def __init__(self, classifier, network, targets: ClassifierTargets, config: EluCDConfig, flow: bool):
+    def __init__(self, classifier, network, targets: ClassifierTargets, config: EluCDConfig, flow: bool,
+                 mask: torch.Tensor | None = None):
+        self.mask = mask
         self.classifier = classifier
         self.network = network
         self.targets = targets
@@ -85,4 +90,7 @@ class EluCDHook:
                              "model's output (run it in float32, e.g. --force-fp32) and the classifier.")
         shift = denoised_shift(gradient, rho, rho_next, remaining_fraction(step, len(schedule) - 1),
                                state.max_variance, self.config.scale, self.config.gamma)
-        return denoised + shift.to(denoised.dtype)
+        guided = denoised + shift.to(denoised.dtype)
+        if self.mask is None:
+            return guided
+        return torch.lerp(denoised, guided, latent_weights(self.mask, guided, NODE_ID))

@@ -12,6 +12,7 @@ from .clip_classifier import CLIPVisionZeroShotClassifier
 from .elucd import EluCDClassifierGuidance
 from .pag import PerturbedAttentionGuidance
 from .reference import EmptyReferenceLatent, ReferenceClassConditioning, ReferenceModelLoader
+from .saliency import SaliencyMapFromMarkers, SaliencyMarkersFromPoints
 
 
 class GuidanceExtension(ComfyExtension):
@@ -20,4 +21,4 @@ class GuidanceExtension(ComfyExtension):
         return [AdaptiveProjectedGuidance, ReferenceModelLoader, ReferenceClassConditioning, EmptyReferenceLatent,
                 PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion,
                 AdaptiveGuidance, LinearAG, FitLinearAG, ReferenceClassifierLoader, CLIPVisionZeroShotClassifier,
-                ClassifierTargetClasses, EluCDClassifierGuidance]
+                ClassifierTargetClasses, EluCDClassifierGuidance, SaliencyMarkersFromPoints, SaliencyMapFromMarkers]

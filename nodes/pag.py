@@ -68,6 +68,11 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                     tooltip="Run the perturbed pass in the same model call as cond and uncond when ComfyUI's memory "
                     "estimate says it fits (faster). Off: always a separate call (less memory). Same result.",
                 ),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: where PAG guides, per position (a MASK at image size, resized to the "
+                              "latent; one for all images or one per image). 1 = PAG as is, 0 = the prediction "
+                              "without PAG's term (CFG's, or the conditional one at cfg 1), values between blend the "
+                              "two. Saliency Map From Markers makes one."),
             ],
             outputs=[io.Model.Output(tooltip="The model with PAG added to the sampler's guidance.")],
         )
@@ -77,12 +82,12 @@ class PerturbedAttentionGuidance(io.ComfyNode):
         return check_widgets(cls, values, sigma_range_rule, layer_names_rule)
 
     @classmethod
-    def execute(cls, model, scale, adaptive_scale, layers, sigma_start, sigma_end, batched) -> io.NodeOutput:
+    def execute(cls, model, scale, adaptive_scale, layers, sigma_start, sigma_end, batched, mask=None) -> io.NodeOutput:
         try:
             config = PAGConfig(scale, adaptive_scale, sigma_start, sigma_end)
         except ValueError as e:  # values that came through links, which queue-time validation cannot see
             raise ValueError(f"{NODE_ID}: {e}.") from e
         try:
-            return io.NodeOutput(apply_pag(model, config, layers, batched))
+            return io.NodeOutput(apply_pag(model, config, layers, batched, mask))
         except ValueError as e:
             raise ValueError(f"{NODE_ID}: {e}.") from e

@@ -32,6 +32,7 @@ import comfy.samplers
 from comfy.ldm.modules import attention
 
 from ..guiders.pag import PAGConfig, identity_attention, pag_guided
+from ..guiders.saliency import latent_weights
 from .pag_layers import DIT_BLOCK_KEYS, Layer, select_layers
 from .run_state import run_state
 
@@ -43,11 +44,12 @@ BLOCK_MARK = "comfyui_guidance.pag_block"
 MEMORY_MARGIN = 1.5
 
 
-def apply_pag(model, config: PAGConfig, layers: str, batched: bool = True):
-    """A clone of the ModelPatcher `model` with PAG on the named layers (see nodes/pag_layers.py)."""
+def apply_pag(model, config: PAGConfig, layers: str, batched: bool = True, mask: torch.Tensor | None = None):
+    """A clone of the ModelPatcher `model` with PAG on the named layers (see nodes/pag_layers.py); `mask` (a MASK,
+    [B, H, W] in [0, 1]) weights PAG's term per position: 1 is PAG, 0 leaves the prediction without it."""
     chosen = select_layers(layers, model.get_model_object("diffusion_model"))
     patched = model.clone()
-    hook = PAGHook(config, chosen, batched, patched.model_options.get("sampler_calc_cond_batch_function"))
+    hook = PAGHook(config, chosen, batched, patched.model_options.get("sampler_calc_cond_batch_function"), mask)
     patched.set_model_sampler_calc_cond_batch_function(hook.calc_cond_batch)
     patched.set_model_sampler_post_cfg_function(hook.post_cfg)
     return patched
@@ -209,11 +211,13 @@ class PAGHook:
     # The post-CFG hook adds a term that does not depend on the CFG scale: CFG++ carries it into its guided prediction.
     adds_guidance_term = True
 
-    def __init__(self, config: PAGConfig, layers: tuple[Layer, ...], batched: bool, replaced_calc_cond_batch):
+    def __init__(self, config: PAGConfig, layers: tuple[Layer, ...], batched: bool, replaced_calc_cond_batch,
+                 mask: torch.Tensor | None = None):
         self.config = config
         self.layers = layers
         self.batched = batched
         self.replaced_calc_cond_batch = replaced_calc_cond_batch
+        self.mask = mask
 
     def scale_at(self, model, sigma: torch.Tensor) -> float:
         timestep = model.model_sampling.timestep(sigma)
@@ -254,4 +258,7 @@ class PAGHook:
         if perturbed is None:
             perturbed = self.perturbed_pass(args["model"], args["cond"], args["input"], args["sigma"],
                                             args["model_options"])
-        return pag_guided(args["denoised"], args["cond_denoised"], perturbed, scale)
+        guided = pag_guided(args["denoised"], args["cond_denoised"], perturbed, scale)
+        if self.mask is None:
+            return guided
+        return torch.lerp(args["denoised"], guided, latent_weights(self.mask, guided, NODE_ID))
