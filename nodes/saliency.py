@@ -79,6 +79,10 @@ class SaliencyMapFromMarkers(io.ComfyNode):
                 io.Float.Input("softness", default=DEFAULT_SIGMA, min=0.0, max=1.0, step=0.005,
                                tooltip="Sigma of the Gaussian filter, as a fraction of the shorter side; 0 leaves "
                                "the map's edge sharp."),
+                io.Float.Input("background", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The map's value far from the markers: 0 turns a guidance node off there, "
+                               "e.g. 0.3 keeps 30% of its update (with APG at cfg w: an effective scale of "
+                               "1 + 0.3 (w - 1) in the background)."),
             ],
             outputs=[
                 io.Mask.Output(display_name="saliency", tooltip="The map in [0, 1]: connect it to a guidance node's "
@@ -92,7 +96,7 @@ class SaliencyMapFromMarkers(io.ComfyNode):
         return check_widgets(cls, values)
 
     @classmethod
-    def execute(cls, markers, radius, softness) -> io.NodeOutput:
+    def execute(cls, markers, radius, softness, background=0.0) -> io.NodeOutput:
         markers = markers if markers.ndim == 3 else markers.unsqueeze(0)
         side = min(markers.shape[1:])
         device = comfy.model_management.get_torch_device()
@@ -100,5 +104,6 @@ class SaliencyMapFromMarkers(io.ComfyNode):
             saliency = saliency_map(markers.to(device) > MARKER_LEVEL, radius * side, softness * side)
         except ValueError as e:
             raise ValueError(f"{MAP_NODE_ID}: {e}.") from e
+        saliency = torch.lerp(torch.full_like(saliency, background), torch.ones_like(saliency), saliency)
         saliency = saliency.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(saliency, saliency.unsqueeze(-1).expand(*saliency.shape, 3).contiguous())

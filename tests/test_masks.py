@@ -144,6 +144,8 @@ def test_saliency_nodes_make_a_map_from_points(comfy):
     assert float(smap.max()) == pytest.approx(1.0) and smap[0, 8, 16] > 0.9 and smap[0, 30, 5] < smap[0, 8, 16]
     assert float(smap[0, 55, 0]) == 0.0  # beyond the radius (14 px) and the filter's reach from both markers
     assert torch.equal(preview[..., 0], smap)
+    floored, _ = saliency.execute(markers, 0.25, 0.05, 0.3).result
+    assert torch.allclose(floored, 0.3 + 0.7 * smap) and float(floored.min()) == pytest.approx(0.3)
     assert "Saliency Markers From Points: points: marker 70,10 lies outside the 64x56 image" in points.validate_inputs(
         points="70,10", width=64, height=56)
     with pytest.raises(ValueError, match="GuidanceSaliencyMap: image 0 of the batch has no marker"):
