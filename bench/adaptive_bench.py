@@ -29,7 +29,6 @@ adaptive_bench).
 """
 
 import argparse
-import datetime
 import json
 import math
 import pathlib
@@ -377,17 +376,10 @@ def markdown(report: dict) -> str:
 def main():
     args = parse_args()
     setup_comfyui(args.comfyui, args.device)
-    import comfyui_version
-
     device = torch.device(args.device)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"bench": "bench/adaptive_bench.py", "command": " ".join(["python", "bench/adaptive_bench.py"] +
-                                                                      sys.argv[1:]),
-              "device": ref.device_name(device),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": args.commit, "torch": torch.__version__, "comfyui": comfyui_version.__version__,
-              "args": vars(args)}
+    report = ref.run_record("bench/adaptive_bench.py", args, device)
     report["reference"] = reference_part(args, device)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     if not args.skip_sdxl and device.type == "cuda":

@@ -48,7 +48,6 @@ classifier_bench).
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import importlib
 import json
@@ -572,19 +571,12 @@ def markdown(report: dict) -> str:
 def main():
     args = parse_args()
     setup_comfyui(args.comfyui, args.device)
-    import comfyui_version
-
     _, _, classifier_patch = pack_modules()
     device = torch.device(args.device)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    report = {"bench": "bench/classifier_bench.py",
-              "command": " ".join(["python", "bench/classifier_bench.py"] + sys.argv[1:]),
-              "device": ref.device_name(device),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": args.commit, "torch": torch.__version__, "comfyui": comfyui_version.__version__,
-              "args": vars(args),
+    report = {**ref.run_record("bench/classifier_bench.py", args, device),
               "weights": {"diffusion": ref.file_record(args.weights), "judge": ref.file_record(args.judge),
                           "guide": ref.file_record(str(classifier_patch.WEIGHTS_DIR /
                                                        classifier_patch.DEFAULT_CLASSIFIER))}}

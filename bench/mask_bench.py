@@ -25,7 +25,6 @@ mask_bench).
 
 import argparse
 import dataclasses
-import datetime
 import json
 import pathlib
 import sys
@@ -228,10 +227,7 @@ def main():
     device = torch.device(args.device)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"bench": "bench/mask_bench.py", "command": " ".join(["python", "bench/mask_bench.py"] + sys.argv[1:]),
-              "device": ref.device_name(device),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": args.commit, "torch": torch.__version__, "args": vars(args)}
+    report = ref.run_record("bench/mask_bench.py", args, device)
     report["reference"] = reference_part(args, device)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str))  # kept if part 2 fails
     if not args.skip_sdxl and device.type == "cuda":

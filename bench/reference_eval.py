@@ -411,6 +411,17 @@ def plot_samples(path: pathlib.Path, grid: dict, class_names: list[str]):
     plt.close(fig)
 
 
+def run_record(script: str, args, device: torch.device) -> dict:
+    """The header of a bench's report: which bench, the command line, device, date, commit, torch and ComfyUI
+    versions, and its arguments (ComfyUI must be set up first)."""
+    import comfyui_version
+
+    return {"bench": script, "command": " ".join(["python", script] + sys.argv[1:]), "device": device_name(device),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": args.commit, "torch": torch.__version__, "comfyui": comfyui_version.__version__,
+            "args": vars(args)}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
