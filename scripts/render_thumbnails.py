@@ -86,8 +86,10 @@ def main():
                 entry = server.run_prompt(prompt, timeout_s=1800)
                 if entry["status"].get("status_str") != "success":
                     sys.exit(f"{api.name} failed: {json.dumps(entry['status'])[:2000]}")
+                saved = sorted((int(node), output) for node, output in entry["outputs"].items()
+                               if prompt[node]["class_type"] == "SaveImage")  # not Preview Image (a saliency map)
                 rows = [[Image.open(io.BytesIO(server.view(image))).convert("RGB") for image in output["images"]]
-                        for _, output in sorted(entry["outputs"].items(), key=lambda item: int(item[0]))]
+                        for _, output in saved]
                 target = WORKFLOWS / f"{api.stem}.jpg"
                 thumbnail(rows).save(target, quality=85, optimize=True)
                 print(f"wrote {target.relative_to(REPO)}")

@@ -62,16 +62,20 @@ def shrunk(prompt):
 
 
 def image_size(prompt):
-    """(height, width) of the graph's images: those of its one latent node with width and height widgets."""
-    [size] = {(n["inputs"]["height"], n["inputs"]["width"]) for n in prompt.values()
-              if isinstance(n["inputs"].get("width"), int) and isinstance(n["inputs"].get("height"), int)}
+    """(height, width) of the graph's images: those of its one latent node with width and height widgets (a saliency
+    markers node has its own, which `shrunk` leaves as shipped)."""
+    [size] = {(n["inputs"]["height"], n["inputs"]["width"]) for n in prompt.values() if "Latent" in n["class_type"]
+              and isinstance(n["inputs"].get("width"), int) and isinstance(n["inputs"].get("height"), int)}
     return size
 
 
 def saved_images(server, entry):
-    """{filename_prefix: [N, H, W, 3] float array} for every SaveImage output of a finished prompt."""
+    """{filename_prefix: [N, H, W, 3] float array} for every SaveImage output of a finished prompt (Preview Image
+    outputs, e.g. a saliency map's, are left out)."""
     images = {}
     for node_id, output in entry["outputs"].items():
+        if entry["prompt"][2][node_id]["class_type"] != "SaveImage":
+            continue
         prefix = entry["prompt"][2][node_id]["inputs"]["filename_prefix"]
         batch = []
         for image in output["images"]:
