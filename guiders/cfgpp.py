@@ -33,6 +33,15 @@ for CFG++ at λ ≤ 1 and large for CFG at ω ≫ 1.
 
 Every sampler has k-diffusion's signature. `model(x, sigma, **extra_args)` returns a `Denoised` pair (conditional,
 unconditional) for a batch; `space` says how α depends on σ. No state outlives a call.
+
+Weighting per position (`weight`, a tensor in [0, 1] broadcastable to the state; None is no weighting). The neutral
+point of CFG++ is the plain conditional step (denoise with D_c, renoise with ε̂_c); a weight m interpolates each
+model call's guided pair between it and CFG++'s:
+
+    D = lerp(D_c, D_λ, m),   ε̂ = lerp(ε̂_c, ε̂_u, m) = ε̂ of the prediction lerp(D_c, D_u, m)       (`weighted`)
+
+so m = 1 is CFG++ bit for bit (torch.lerp returns its end exactly at 1) and m = 0 the conditional sampler of the same
+kind (DPM-Solver++(2M)'s history term then holds D_c as well). Inversion takes no weight.
 """
 
 import math
@@ -114,6 +123,17 @@ def guided(pred: Denoised, guidance: float) -> torch.Tensor:
     return out if pred.other_guidance is None else out + pred.other_guidance
 
 
+def weighted(pred: Denoised, guidance: float, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the guided prediction, the prediction to renoise with) of one model call: (D_λ, D_u) without a weight, and
+    (lerp(D_c, D_λ, m), lerp(D_c, D_u, m)) with weight m (see the module docstring). The renoising noise ε̂ is
+    affine in its prediction, so ε̂ of lerp(D_c, D_u, m) is lerp(ε̂_c, ε̂_u, m)."""
+    denoised = guided(pred, guidance)
+    if weight is None:
+        return denoised, pred.uncond
+    weight = weight.to(pred.cond.dtype)
+    return torch.lerp(pred.cond, denoised, weight), torch.lerp(pred.cond, pred.uncond, weight)
+
+
 def implied_noise(x: torch.Tensor, denoised: torch.Tensor, alpha, sigma) -> torch.Tensor:
     """ε̂ such that x = α·D + σ·ε̂ (Tweedie's formula solved for the noise)."""
     return (x - alpha * denoised) / sigma
@@ -165,13 +185,14 @@ def sampling_sigmas_for_inversion(sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas.flip(0)
 
 
-def _predict(model, x, sigma, guidance, extra_args, callback, i) -> tuple[Denoised, torch.Tensor]:
-    """The model's predictions at (x, σ) and D_λ, which is reported to the callback as step i's denoised image."""
+def _predict(model, x, sigma, guidance, extra_args, callback, i, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the prediction to renoise with, the guided prediction) at (x, σ) (`weighted`); the guided one is reported to
+    the callback as step i's denoised image."""
     pred = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
-    denoised = guided(pred, guidance)
+    denoised, renoise = weighted(pred, guidance, weight)
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-    return pred, denoised
+    return renoise, denoised
 
 
 def _default_noise_sampler(x):
@@ -181,24 +202,25 @@ def _default_noise_sampler(x):
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
                            guidance=DEFAULT_GUIDANCE, eta=DEFAULT_ETA, s_noise=DEFAULT_S_NOISE, noise_sampler=None,
-                           space=SigmaSpace(), manifold_constrained=True):
+                           space=SigmaSpace(), manifold_constrained=True, weight=None):
     """Ancestral DDIM (Euler ancestral) with CFG++: a deterministic CFG++ step to ρ_down, then noise of scale ρ_up.
 
         x_next = α' (D_λ + ρ_down ε̂_u + s_noise · ρ_up · n),   n ~ N(0, I)
 
     eta = 0 is DDIM (Algorithm 2). ComfyUI core: `sample_euler_ancestral_cfg_pp`. `manifold_constrained=False`
-    renoises with ε̂_λ instead: plain CFG at scale `guidance` (Algorithm 1), for comparisons.
+    renoises with ε̂_λ instead: plain CFG at scale `guidance` (Algorithm 1), for comparisons. `weight`: see the module
+    docstring.
     """
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = _default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        pred, denoised = _predict(model, x, sigma, guidance, extra_args, callback, i)
+        renoise, denoised = _predict(model, x, sigma, guidance, extra_args, callback, i, weight)
         if sigma_next == 0:
             x = denoised
             continue
         alpha, alpha_next = space.alpha(sigma), space.alpha(sigma_next)
-        eps_renoise = implied_noise(x, pred.uncond if manifold_constrained else denoised, alpha, sigma)
+        eps_renoise = implied_noise(x, renoise if manifold_constrained else denoised, alpha, sigma)
         rho_down, rho_up = ancestral_step(space.noise_to_signal(sigma), space.noise_to_signal(sigma_next), eta)
         x = alpha_next * denoised + alpha_next * rho_down * eps_renoise
         if eta > 0 and s_noise > 0:
@@ -208,17 +230,17 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 
 @torch.no_grad()
 def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, guidance=DEFAULT_GUIDANCE,
-                space=SigmaSpace(), manifold_constrained=True):
+                space=SigmaSpace(), manifold_constrained=True, weight=None):
     """DDIM with CFG++ (Algorithm 2): x_next = α' D_λ + σ' ε̂_u. It is also the Euler step of the probability-flow
     ODE in σ, so ComfyUI's `euler_cfg_pp` computes the same update. `manifold_constrained=False` is DDIM with plain
     CFG at scale `guidance` (Algorithm 1): x_next = α' D_ω + σ' ε̂_ω."""
     return sample_euler_ancestral(model, x, sigmas, extra_args, callback, disable, guidance, eta=0.0, s_noise=0.0,
-                                  space=space, manifold_constrained=manifold_constrained)
+                                  space=space, manifold_constrained=manifold_constrained, weight=weight)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, guidance=DEFAULT_GUIDANCE,
-                    space=SigmaSpace()):
+                    space=SigmaSpace(), weight=None):
     """DPM-Solver++(2M) with CFG++: the CFG++ DDIM step plus the multistep correction, with t = log(α/σ),
     h = t' − t, r = h_prev/h and D_u,prev the previous step's unconditional prediction:
 
@@ -231,26 +253,26 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     old_uncond = None
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        pred, denoised = _predict(model, x, sigma, guidance, extra_args, callback, i)
+        renoise, denoised = _predict(model, x, sigma, guidance, extra_args, callback, i, weight)
         if sigma_next == 0:
             x = denoised
             continue
         alpha, alpha_next = space.alpha(sigma), space.alpha(sigma_next)
-        step = alpha_next * denoised + sigma_next * implied_noise(x, pred.uncond, alpha, sigma)
+        step = alpha_next * denoised + sigma_next * implied_noise(x, renoise, alpha, sigma)
         if old_uncond is not None:
             t, t_next, t_prev = (space.half_log_snr(s) for s in (sigma, sigma_next, sigmas[i - 1]))
             h = t_next - t
             r = (t - t_prev) / h
             step = step - alpha_next * torch.expm1(-h) / (2 * r) * (denoised - old_uncond)
         x = step
-        old_uncond = pred.uncond
+        old_uncond = renoise
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
                               guidance=DEFAULT_GUIDANCE, eta=DEFAULT_ETA, s_noise=DEFAULT_S_NOISE, noise_sampler=None,
-                              space=SigmaSpace()):
+                              space=SigmaSpace(), weight=None):
     """DPM-Solver++(2S) ancestral with CFG++, after ComfyUI core's `sample_dpmpp_2s_ancestral_cfg_pp`.
 
     Core runs the eps/v solver on the state shifted by the guidance, x + (D_λ − D_u): a CFG++ DDIM step to the
@@ -268,14 +290,14 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     noise_sampler = _default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        pred, denoised = _predict(model, x, sigma, guidance, extra_args, callback, i)
+        renoise, denoised = _predict(model, x, sigma, guidance, extra_args, callback, i, weight)
         if sigma_next == 0:
             x = denoised
             continue
         alpha, alpha_next = space.alpha(sigma), space.alpha(sigma_next)
         rho = space.noise_to_signal(sigma)
         rho_down, rho_up = ancestral_step(rho, space.noise_to_signal(sigma_next), eta)
-        eps_uncond = implied_noise(x, pred.uncond, alpha, sigma)
+        eps_uncond = implied_noise(x, renoise, alpha, sigma)
         if rho_down == 0 or alpha == 0:
             # no deterministic part left, or a step from pure noise (σ = 1 of a flow model): the midpoint of an
             # infinite log-SNR interval does not exist, and the first-order step is the whole step
@@ -283,7 +305,8 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
         else:
             sigma_mid = space.sigma_at_half_log_snr(-(rho * rho_down).sqrt().log())
             x_mid = space.alpha(sigma_mid) * denoised + sigma_mid * eps_uncond
-            denoised_mid = guided(model(x_mid, sigma_mid * x.new_ones([x.shape[0]]), **extra_args), guidance)
+            pred_mid = model(x_mid, sigma_mid * x.new_ones([x.shape[0]]), **extra_args)
+            denoised_mid = weighted(pred_mid, guidance, weight)[0]
             x = alpha_next * (denoised_mid + rho_down * eps_uncond + rho_down / rho * (denoised - denoised_mid))
         if eta > 0 and s_noise > 0:
             x = x + alpha_next * noise_sampler(sigma, sigma_next) * s_noise * rho_up
@@ -311,9 +334,9 @@ def invert_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x_eval = x * (space.input_scale(sigma) / space.input_scale(sigma_next))
-        pred, denoised = _predict(model, x_eval, sigma_next, guidance, extra_args, callback, i)
+        renoise, denoised = _predict(model, x_eval, sigma_next, guidance, extra_args, callback, i)
         v_guided = space.velocity(x_eval, denoised, sigma_next)
-        v_denoise = space.velocity(x_eval, pred.uncond, sigma_next) if manifold_constrained else v_guided
+        v_denoise = space.velocity(x_eval, renoise, sigma_next) if manifold_constrained else v_guided
         x = x - space.alpha(sigma_next) * sigma * v_denoise + space.alpha(sigma) * sigma_next * v_guided
     return x
 

@@ -29,11 +29,19 @@ CRITERION_TOOLTIP = ("Which two predictions the cosine compares, as noise (step)
                      "given threshold sooner at the same scale).")
 
 
-def ag_inputs(defaults: AGConfig) -> list:
+def mask_tooltip(node: str) -> str:
+    return (f"Optional: where {node} guides, per position (a MASK at image size, resized to the latent; one for all "
+            f"images or one per image). 1 = {node} as is (CFG at the sampler's cfg until the image switches), 0 = the "
+            "conditional prediction there (no guidance, as at cfg 1), values between blend the two. The switch is "
+            "decided on the whole image, as without a mask. Saliency Map From Markers makes one.")
+
+
+def ag_inputs(defaults: AGConfig, node: str) -> list:
     return [
         io.Float.Input("threshold", default=defaults.threshold, min=-1.0, max=1.0, step=0.001,
                        tooltip=THRESHOLD_TOOLTIP),
         io.Combo.Input("criterion", options=list(CRITERIA), default=defaults.criterion, tooltip=CRITERION_TOOLTIP),
+        io.Mask.Input("mask", optional=True, tooltip=mask_tooltip(node)),
     ]
 
 
@@ -58,7 +66,7 @@ class AdaptiveGuidance(io.ComfyNode):
                 "Composes with APG (which acts on the guided steps), PAG and CFG functions."
             ),
             inputs=[io.Model.Input("model", tooltip="The diffusion model to patch (any family: eps, v or flow)."),
-                    *ag_inputs(AGConfig())],
+                    *ag_inputs(AGConfig(), "AG")],
             outputs=[io.Model.Output(tooltip="The model with Adaptive Guidance at the sampler's CFG step.")],
         )
 
@@ -67,8 +75,8 @@ class AdaptiveGuidance(io.ComfyNode):
         return check_widgets(cls, values)
 
     @classmethod
-    def execute(cls, model, threshold, criterion) -> io.NodeOutput:
-        return io.NodeOutput(apply_ag(model, config_of(NODE_ID, threshold, criterion)))
+    def execute(cls, model, threshold, criterion, mask=None) -> io.NodeOutput:
+        return io.NodeOutput(apply_ag(model, config_of(NODE_ID, threshold, criterion), mask=mask))
 
 
 def coefficient_files() -> list[str]:
@@ -93,7 +101,7 @@ class LinearAG(io.ComfyNode):
                 io.Combo.Input("coefficients", options=coefficient_files(),
                                tooltip=f"A coefficients file in models/{COEFFICIENTS_FOLDER}/, made by Fit LinearAG "
                                "Coefficients for this model, sampler, scheduler and step count."),
-                *ag_inputs(AGConfig()),
+                *ag_inputs(AGConfig(), "LinearAG"),
             ],
             outputs=[io.Model.Output(tooltip="The model with LinearAG at the sampler's CFG step.")],
         )
@@ -103,7 +111,7 @@ class LinearAG(io.ComfyNode):
         return check_widgets(cls, values)
 
     @classmethod
-    def execute(cls, model, coefficients, threshold, criterion) -> io.NodeOutput:
+    def execute(cls, model, coefficients, threshold, criterion, mask=None) -> io.NodeOutput:
         path = folder_paths.get_full_path(COEFFICIENTS_FOLDER, coefficients)
         if path is None:
             raise ValueError(f"{LINEAR_NODE_ID}: no coefficients file {coefficients!r} in models/{COEFFICIENTS_FOLDER}/"
@@ -111,7 +119,7 @@ class LinearAG(io.ComfyNode):
         fitted = LinearAGCoefficients.load(path)
         check_model(fitted, model, LINEAR_DISPLAY_NAME)
         return io.NodeOutput(apply_ag(model, config_of(LINEAR_NODE_ID, threshold, criterion), fitted,
-                                      LINEAR_DISPLAY_NAME))
+                                      LINEAR_DISPLAY_NAME, mask))
 
 
 class FitLinearAG(io.ComfyNode):

@@ -24,6 +24,11 @@ list (the run's own copy of the model options): it reads the raw predictions of 
 against the CFG step at the sampler's scale, and switches the samples that reached γ̄ from the next call on. Being
 last, it also restores D_c as the unconditional prediction of switched samples after any other pre-CFG patch (APG),
 so APG acts on the guided steps and leaves conditional-only steps alone, in either order of the nodes.
+
+The optional mask weights the guidance per latent position: the pre-CFG hook hands CFG lerp(D_c, D_u, m) as the
+unconditional prediction (D_u being the real pass, LinearAG's estimate, or D_c for switched images), so CFG at w gives
+D_c + (w − 1) m (D_c − D_u): 1 is the node as is, 0 the conditional prediction. The switch decisions and LinearAG's
+history are those of the unweighted predictions, as without a mask.
 """
 
 import dataclasses
@@ -40,6 +45,7 @@ import comfy.utils
 
 from ..guiders.adaptive import (AGConfig, AGState, LinearAGFit, denoised_from_noise, estimated_calls,
                                 linear_estimate, noise_direction, similarity, uncond_for_cfg)
+from ..guiders.saliency import latent_weights
 from .run_state import run_state
 
 NODE_ID = "GuidanceAdaptiveGuidance"
@@ -52,8 +58,10 @@ COEFFICIENTS_FOLDER = "linear_ag"
 FORMAT_VERSION = "1"
 
 
-def apply_ag(model, config: AGConfig, linear: "LinearAGCoefficients | None" = None, node_name: str = DISPLAY_NAME):
-    """A clone of the ModelPatcher `model` with AG (and LinearAG estimates where `linear` is given)."""
+def apply_ag(model, config: AGConfig, linear: "LinearAGCoefficients | None" = None, node_name: str = DISPLAY_NAME,
+             mask: torch.Tensor | None = None):
+    """A clone of the ModelPatcher `model` with AG (and LinearAG estimates where `linear` is given); `mask` (a MASK,
+    [B, H, W] or [H, W] in [0, 1]) weights the guidance per position (1 = the node as is, 0 = D_c)."""
     patched = model.clone()
     for earlier in patched.model_options.get("sampler_pre_cfg_function", []):
         if getattr(getattr(earlier, "__self__", None), "skips_unconditional_passes", False):
@@ -61,7 +69,7 @@ def apply_ag(model, config: AGConfig, linear: "LinearAGCoefficients | None" = No
             # would silently replace the inner one's.
             raise ValueError(f"{node_name}: this model already has {earlier.__self__.node_name}, which skips the "
                              "same unconditional passes; apply only one of the two nodes.")
-    hook = AGHook(config, patched.model_options.get("sampler_calc_cond_batch_function"), linear, node_name)
+    hook = AGHook(config, patched.model_options.get("sampler_calc_cond_batch_function"), linear, node_name, mask)
     patched.set_model_sampler_calc_cond_batch_function(hook.calc_cond_batch)
     patched.set_model_sampler_pre_cfg_function(hook.pre_cfg)
     return patched
@@ -136,11 +144,13 @@ class AGHook:
     # under different package names, so the class itself is not one object).
     skips_unconditional_passes = True
 
-    def __init__(self, config: AGConfig, replaced_calc_cond_batch, linear=None, node_name: str = DISPLAY_NAME):
+    def __init__(self, config: AGConfig, replaced_calc_cond_batch, linear=None, node_name: str = DISPLAY_NAME,
+                 mask: torch.Tensor | None = None):
         self.config = config
         self.replaced_calc_cond_batch = replaced_calc_cond_batch
         self.linear = linear
         self.node_name = node_name
+        self.mask = mask
 
     def plain_calc_cond_batch(self, args, conds) -> list:
         if self.replaced_calc_cond_batch is not None:
@@ -149,7 +159,8 @@ class AGHook:
                                               args["model_options"])
 
     def passes_through(self, conds) -> bool:
-        return len(conds) < 2 or conds[1] is None or (self.config.never_skips and self.linear is None)
+        return len(conds) < 2 or conds[1] is None or (self.config.never_skips and self.linear is None
+                                                      and self.mask is None)
 
     def put_pre_cfg_last(self, model_options: dict) -> None:
         hooks = model_options.get("sampler_pre_cfg_function", [])
@@ -195,6 +206,16 @@ class AGHook:
         return [out[0], uncond, *out[2:]]
 
     def pre_cfg(self, args) -> list:
+        conds_out = self.decide(args)
+        if self.mask is None or self.passes_through(args["conds"]):
+            return conds_out
+        cond = conds_out[0]
+        weight = latent_weights(self.mask, cond, self.node_name)
+        return [cond, torch.lerp(cond, conds_out[1], weight), *conds_out[2:]]
+
+    def decide(self, args) -> list:
+        """The pre-CFG hook without the mask: measures γ on the raw predictions, switches, and hands CFG D_c as the
+        unconditional prediction of switched samples."""
         conds_out = args["conds_out"]
         if self.passes_through(args["conds"]):
             return conds_out

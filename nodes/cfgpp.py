@@ -15,6 +15,12 @@ LAMBDA_TOOLTIP = (
     "same lambda guides harder with more steps: 0.6 is about cfg 2.8 at 20 steps and cfg 7 at 50 (SD1.5, normal)."
 )
 
+MASK_TOOLTIP = (
+    "Optional: where CFG++ guides, per position (a MASK at image size, resized to the latent; one for all images or "
+    "one per image). 1 = CFG++ as is, 0 = plain conditional steps there (denoise and renoise with the conditional "
+    "prediction, no guidance), values between blend the two. Saliency Map From Markers makes one."
+)
+
 
 def lambda_input() -> io.Float.Input:
     # Frontend 1.32.9 ignores an input's display_name: it labels the widget and socket with the i18n entry
@@ -62,13 +68,14 @@ class CFGppSampler(CFGppNode):
                     "the noise input.",
                 ),
                 lambda_input(),
+                io.Mask.Input("mask", optional=True, tooltip=MASK_TOOLTIP),
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustom or SamplerCustomAdvanced; set cfg to 1.0.")],
         )
 
     @classmethod
-    def execute(cls, sampler_name, guidance) -> io.NodeOutput:
-        return io.NodeOutput(cfgpp_sampler(sampler_name, guidance))
+    def execute(cls, sampler_name, guidance, mask=None) -> io.NodeOutput:
+        return io.NodeOutput(cfgpp_sampler(sampler_name, guidance, mask))
 
 
 class CFGppDDIMInversion(CFGppNode):

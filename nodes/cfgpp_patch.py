@@ -19,6 +19,10 @@ composition test). CFG++ forms the guided prediction D_λ from the raw predictio
   sample unconditionally, and neither paper defines the combination.
 Any refusal names both nodes.
 
+The CFG++ Sampler's optional mask weights each model call's guided pair per latent position (`cfgpp.weighted`): 1 is
+CFG++ as is, 0 the plain conditional step (denoise with D_c, renoise with ε̂_c). The mask is resized to the run's
+latent when the run starts (`saliency.latent_weights`). The inversion nodes take no mask.
+
 Kept apart from the node classes so that scripts (benchmarks, evaluation) can sample and invert exactly as the nodes
 do without importing ComfyUI's node API.
 """
@@ -35,6 +39,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..guiders import cfgpp
+from ..guiders.saliency import latent_weights
 
 SAMPLER_NODE_ID = "CFGppSampler"
 INVERSION_NODE_ID = "CFGppDDIMInversion"
@@ -145,24 +150,30 @@ def capturing(model, extra_args: dict, node_id: str) -> tuple[PredictionPairMode
 
 
 def run_cfgpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, function, node_id: str,
-              seeded_noise: bool = False, **options):
+              seeded_noise: bool = False, mask: torch.Tensor | None = None, **options):
     """A k-diffusion sampler function (what `comfy.samplers.KSAMPLER` calls) that runs `function`, a sampler or
     `invert_ddim` of `guiders/cfgpp.py`, on ComfyUI's model with this run's prediction capture. `seeded_noise` gives
-    ancestral samplers ComfyUI's noise from the run's seed, as core samplers get it."""
+    ancestral samplers ComfyUI's noise from the run's seed, as core samplers get it; `mask` (a MASK) becomes the
+    sampler's per-position `weight` on this run's latent."""
     pair_model, extra_args = capturing(model, extra_args or {}, node_id)
+    if mask is not None:
+        options["weight"] = latent_weights(mask, x, node_id)
     if seeded_noise:
         options["noise_sampler"] = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
     space = sigma_space(model.inner_model.model_patcher)
     return function(pair_model, x, sigmas, extra_args, callback, disable, space=space, **options)
 
 
-def cfgpp_sampler(method: str, guidance: float) -> comfy.samplers.KSAMPLER:
-    """The SAMPLER of CFG++ sampler `method` at λ = `guidance`, for SamplerCustom and SamplerCustomAdvanced."""
+def cfgpp_sampler(method: str, guidance: float, mask: torch.Tensor | None = None) -> comfy.samplers.KSAMPLER:
+    """The SAMPLER of CFG++ sampler `method` at λ = `guidance`, for SamplerCustom and SamplerCustomAdvanced; `mask`
+    (a MASK, [B, H, W] or [H, W] in [0, 1]) weights the guidance per position (1 = CFG++, 0 = conditional steps)."""
     if method not in cfgpp.SAMPLERS:
         raise ValueError(f"{SAMPLER_NODE_ID}: unknown sampler {method!r}; choose one of {sorted(cfgpp.SAMPLERS)}.")
     check_guidance_of(SAMPLER_NODE_ID, guidance)
     options = {"function": cfgpp.SAMPLERS[method], "node_id": SAMPLER_NODE_ID, "guidance": guidance,
                "seeded_noise": method in cfgpp.ANCESTRAL}
+    if mask is not None:
+        options["mask"] = mask
     return comfy.samplers.KSAMPLER(run_cfgpp, extra_options=options)
 
 
