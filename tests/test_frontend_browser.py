@@ -275,7 +275,7 @@ def test_cfgpp_guidance_reads_lambda(frontend):
     fresh = frontend.js("const n = LiteGraph.createNode('CFGppSampler'); app.graph.add(n);"
                         "const labels = [n.widgets.map(w => w.label || w.name), n.inputs.map(i => i.label || "
                         "i.localized_name || i.name)]; app.graph.remove(n); return labels;")
-    assert fresh == [["sampler_name", "lambda"], ["sampler_name", "lambda"]]
+    assert fresh == [["sampler_name", "lambda"], ["mask", "sampler_name", "lambda"]]  # mask: the optional socket
 
 
 def test_run_button_queues_the_workflow(frontend, comfy_server):

@@ -8,6 +8,9 @@ on the recorded predictions, with the conditional prediction in place of the unc
 AG's rule on the true predictions of every call (test_adaptive's recorder), guided as D_c + (w − 1) m (D_c − D_u);
 the mask's latent weights as the mean of each latent cell's pixels, computed here."""
 
+import gc
+
+import comfy.model_management
 import pytest
 import torch
 
@@ -74,6 +77,16 @@ def cfgpp(comfy, model, positive, negative, latent, method, mask=None, steps=4, 
 
 
 MODELS = {("sd15", "eps"): None, ("flux", "flow"): None}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_models():
+    """Drops the module's models at its end: ComfyUI's model management warns of a leak, in whatever test loads a
+    model next, while a model it loaded (through a clone) is still held here."""
+    yield
+    MODELS.update(dict.fromkeys(MODELS))
+    gc.collect()
+    comfy.model_management.cleanup_models_gc()
 
 
 def model_of(family, prediction):
