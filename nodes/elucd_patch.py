@@ -54,6 +54,7 @@ class EluCDHook:
     """Post-CFG hook: D + δ, δ carrying s (Σ_t + a_t) ∇ log p̃(y | D) (see the module docstring)."""
 
     node_name = DISPLAY_NAME
+    guides_denoised = True  # acts on the guided prediction alone, whatever made it (AGD's one-pass one included)
 
     def __init__(self, classifier, network, targets: ClassifierTargets, config: EluCDConfig, flow: bool,
                  mask: torch.Tensor | None = None):

@@ -5,6 +5,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .adaptive import AdaptiveGuidance, FitLinearAG, LinearAG
+from .agd import AGDApply, AGDTrain
 from .apg import AdaptiveProjectedGuidance
 from .cfgpp import CFGppDDIMInversion, CFGppDDIMSampleFromInversion, CFGppSampler
 from .classifier import ClassifierTargetClasses, ReferenceClassifierLoader
@@ -21,4 +22,5 @@ class GuidanceExtension(ComfyExtension):
         return [AdaptiveProjectedGuidance, ReferenceModelLoader, ReferenceClassConditioning, EmptyReferenceLatent,
                 PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion,
                 AdaptiveGuidance, LinearAG, FitLinearAG, ReferenceClassifierLoader, CLIPVisionZeroShotClassifier,
-                ClassifierTargetClasses, EluCDClassifierGuidance, SaliencyMarkersFromPoints, SaliencyMapFromMarkers]
+                ClassifierTargetClasses, EluCDClassifierGuidance, SaliencyMarkersFromPoints, SaliencyMapFromMarkers,
+                AGDApply, AGDTrain]
