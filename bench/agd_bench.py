@@ -102,12 +102,16 @@ def train_variant(args, model, tokens, ordinary: bool) -> tuple:
         images, labels = (torch.from_numpy(a) for a in load_split(pathlib.Path(args.data), "train"))
         clean = class_interleaved(to_model_space(images), labels, args.trajectories)
     log = []
+
+    def report(line):
+        log.append(line)
+        print(line, flush=True)
+
     with tempfile.TemporaryDirectory() as work:
         began = time.perf_counter()
         adapters = train_agd(model, positive, negative, torch.zeros(1, 3, RESOLUTION, RESOLUTION), settings,
-                             AdapterSpec(hidden_dim=args.hidden), pathlib.Path(work), log=log.append, clean=clean)
+                             AdapterSpec(hidden_dim=args.hidden), pathlib.Path(work), log=report, clean=clean)
         seconds = time.perf_counter() - began
-    print(*log[-3:], sep="\n", flush=True)
     return adapters, seconds, log
 
 
@@ -161,13 +165,47 @@ def reference_part(args, device) -> dict:
             print(f"w {w:g} {method:>36}  FD {row['fd']:.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}  "
                   f"acc {row['class_accuracy']:.3f}/{row['judge_accuracy']:.3f}  {row['images_per_second']:.0f} img/s  "
                   f"{row['passes_per_step']:.2f} passes", flush=True)
+    step_ms = reference_step_ms(model, tokens, variants, max(args.scales), args.batch)
     for name, v in variants.items():
         adapters = v.pop("adapters")
         v.update({"parameters": adapters.parameter_count(), "base_parameters": base_parameters,
                   "fraction_of_base": adapters.parameter_count() / base_parameters,
                   "bytes": sum(t.numel() * 4 for t in adapters.state_dict().values())})
     return {"images": len(labels), "steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler,
-            "scales": args.scales, "variants": variants, "rows": rows, "speedup": speedups(rows)}
+            "scales": args.scales, "variants": variants, "rows": rows, "speedup": speedups(rows), "step_ms": step_ms}
+
+
+def reference_step_ms(model, tokens, variants, w, batch) -> dict:
+    """One model step of --batch images outside ComfyUI's sampling loop: CFG (batch 2N and the combination), AGD
+    (batch N with the adapters) and the conditional pass alone, interleaved CUDA timings."""
+    from apg_bench import interleaved_ms
+
+    from comfyui_guidance.nodes.agd_patch import AGDPatch, patch_model_options
+
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    base, device = model.model, comfy.model_management.get_torch_device()
+    dtype = base.get_dtype()
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(2 * batch, 3, RESOLUTION, RESOLUTION, device=device, generator=g) * 10
+    sigma = torch.full((2 * batch,), 10.0, device=device)
+    context = torch.cat([tokens[torch.arange(batch) % len(CLASS_NAMES)],
+                         tokens[-1:].expand(batch, -1, -1)]).to(device, dtype)
+    adapters = next(iter(variants.values()))["adapters"]
+    options = patch_model_options({}, AGDPatch(adapters, w))["transformer_options"]
+
+    def cfg_step():
+        cond, uncond = base.apply_model(x, sigma, c_crossattn=context).chunk(2)
+        return uncond + w * (cond - uncond)
+
+    with torch.no_grad():
+        return interleaved_ms({
+            "cfg_step": cfg_step,
+            "agd_step": lambda: base.apply_model(x[:batch], sigma[:batch], c_crossattn=context[:batch],
+                                                 transformer_options={**options, "cond_or_uncond": [0]}),
+            "conditional_step": lambda: base.apply_model(x[:batch], sigma[:batch], c_crossattn=context[:batch]),
+        }, rounds=30)
 
 
 def speedups(rows: list) -> dict:
@@ -247,6 +285,10 @@ def markdown(report: dict) -> str:
                          f"{r['passes_per_step']:.2f} | {r['images_per_second']:.0f} |")
         lines += ["", "Images per second over CFG's at the same scale:", ""]
         lines += [f"- {k}: {v:.2f}×" for k, v in part["speedup"].items()]
+        t = part["step_ms"]
+        lines += ["", f"One model step of {a['batch']} images outside the sampling loop (interleaved CUDA timings): "
+                  f"CFG {t['cfg_step']:.2f} ms, AGD {t['agd_step']:.2f} ms ({t['cfg_step'] / t['agd_step']:.2f}× "
+                  f"faster), the conditional pass alone {t['conditional_step']:.2f} ms."]
     s = report.get("sdxl")
     if s:
         lines += ["", "## SDXL-size UNet at 1024²", "",
