@@ -13,6 +13,7 @@ run: the sampler's cfg must be 1 (the adapters give the guided prediction; CFG o
 the cost), and guidance patches that need the unconditional pass are refused, naming both nodes.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -26,8 +27,8 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
-from ..guiders.agd import (AdapterSet, AdapterSpec, AttachmentPoint, cfg_prediction, distillation_loss,
-                           learning_rate_factor, load_adapters, uniform_scales)
+from ..guiders.agd import (AdapterSet, AdapterSpec, AttachmentPoint, StackedConditions, cfg_prediction,
+                           distillation_loss, learning_rate_factor, load_adapters, uniform_scales)
 from ..guiders.saliency import latent_weights
 from .adaptive_patch import model_fingerprint
 from .cfgpp_patch import patch_owner
@@ -41,6 +42,7 @@ BASE_CHECKS = ("exact weights", "same architecture")
 TIME_KEY = "comfyui_guidance.agd.time_embedding"
 SCALE_KEY = "comfyui_guidance.agd.scales"  # per-row scales of a training batch
 INPUT_KEY = "comfyui_guidance.agd.attn2_input"
+CALL_KEY = "comfyui_guidance.agd.call"
 
 
 def unet_of(model, node_name: str):
@@ -127,33 +129,43 @@ class AGDPatch:
 
     def keep_time_embedding(self, emb, model_channels, transformer_options):
         transformer_options[TIME_KEY] = emb
+        transformer_options[CALL_KEY] = {}  # this model call's keys and values, made at its first cross-attention
         return emb
 
     def keep_input(self, n, context, value, extra_options):
         extra_options[INPUT_KEY] = (n, context)
         return n, context, value
 
-    def adapter_for(self, name: str, like: torch.Tensor):
-        if self.trainable:
-            return self.adapters.adapters[name]
+    def sampling_copy(self, like: torch.Tensor) -> tuple[AdapterSet, StackedConditions, dict]:
+        """The adapters in the dtype and on the device of the model's features, their stacked token weights and
+        each adapter's place in the stack."""
         key = (like.device, like.dtype)
         if key not in self.copies:
             with torch.inference_mode(False):
-                self.copies[key] = _copy_adapters(self.adapters, like.device, like.dtype)
-        return self.copies[key].adapters[name]
+                twin = copy.deepcopy(self.adapters).to(device=like.device, dtype=like.dtype).requires_grad_(False)
+            self.copies[key] = (twin, StackedConditions(list(twin.adapters.values())),
+                                {name: i for i, name in enumerate(twin.adapters)})
+        return self.copies[key]
 
     def add_adapter(self, n, extra_options):
         kind, block = extra_options["block"]
         name = f"{kind}_{block}_{extra_options.get('block_index', 0)}"
         x, context = extra_options.pop(INPUT_KEY)
-        adapter = self.adapter_for(name, n)
-        dtype = next(adapter.parameters()).dtype
         rows = x.shape[0]
         scales = extra_options.get(SCALE_KEY)
         if scales is None:
             scales = torch.full((rows,), self.scale, device=x.device)
         time_embedding = extra_options[TIME_KEY]
-        out = adapter(x.to(dtype), scales.to(device=x.device), time_embedding.to(dtype), context.to(dtype))
+        if self.trainable:  # each adapter on its own, in the adapters' float32, for autograd
+            adapter = self.adapters.adapters[name]
+            dtype = adapter.out_proj.weight.dtype
+            out = adapter(x.to(dtype), scales.to(x.device), time_embedding.to(dtype), context.to(dtype))
+        else:
+            adapters, stacked, index = self.sampling_copy(n)
+            call = extra_options[CALL_KEY]
+            if "keys" not in call:
+                call["keys"], call["values"] = stacked.keys_values(scales, time_embedding, context)
+            out = adapters.adapters[name].attend(x, call["keys"][index[name]], call["values"][index[name]])
         if self.mask is not None:
             out = out * self.token_weights(extra_options, rows).to(out)
         return n + out.to(n.dtype)
@@ -176,14 +188,6 @@ class AGDPatch:
         if problem:
             raise ValueError(problem)
         return args["conds_out"]
-
-
-def _copy_adapters(adapters: AdapterSet, device, dtype) -> AdapterSet:
-    import copy
-
-    twin = copy.deepcopy(adapters).to(device=device, dtype=dtype)
-    twin.requires_grad_(False)
-    return twin
 
 
 def refused_patches(model_options: dict, own: AGDPatch):
@@ -508,6 +512,7 @@ def train_agd(model, positive, negative, latent: torch.Tensor, settings: Trainin
               work: pathlib.Path, progress=None, log=None, clean: torch.Tensor | None = None) -> AdapterSet:
     """Trajectories, then training; `work` holds the trajectory chunks and the training checkpoint, so that a run
     interrupted at any point resumes where it stopped. Progress: trajectories count 1 each, training steps 1 each."""
+    attachment_points(model, TRAIN_DISPLAY_NAME)  # refuses a model without cross-attention before any sampling
     total = settings.trajectories + settings.train_steps
     report = (lambda done, _: progress(done, total)) if progress else None
     began = time.perf_counter()
