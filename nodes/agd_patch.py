@@ -346,6 +346,7 @@ def ordinary_calls(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """A 'sampler' for the ablation: one model call per σ of the schedule at clean images noised forward (fresh
     noise each time), as ordinary diffusion training sees them; it returns the clean images."""
     s_in = x.new_ones([x.shape[0]])
+    clean = clean.to(x)
     model_sampling = model.inner_model.inner_model.model_sampling
     for sigma in sigmas[:-1]:
         noise = torch.randn(clean.shape, generator=generator).to(x)
