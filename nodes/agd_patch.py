@@ -94,10 +94,12 @@ def check_base(adapters: AdapterSet, model, base_check: str, node_name: str = DI
     expected = AdapterSet.__new__(AdapterSet)
     expected.points, expected.spec, expected.time_dim, expected.prompt_dim = points, adapters.spec, time_dim, prompt_dim
     if adapters.layout() != AdapterSet.layout(expected):
+        def describe(a):
+            return (f"{len(a.points)} cross-attention layers of widths {sorted({p.input_dim for p in a.points})}, "
+                    f"context width {a.prompt_dim}, timestep embedding width {a.time_dim}")
         raise ValueError(f"{node_name}: these adapters were made for a model of another architecture "
-                         f"({len(adapters.points)} cross-attention layers, context width {adapters.prompt_dim}; this "
-                         f"model has {len(points)}, width {prompt_dim}). Train adapters for this model with "
-                         f"{TRAIN_DISPLAY_NAME}.")
+                         f"({describe(adapters)}; this model has {describe(expected)}). Train adapters for this model "
+                         f"with {TRAIN_DISPLAY_NAME}.")
     made_for, this = adapters.info.get("base_fingerprint"), model_fingerprint(model)
     if base_check == "exact weights" and made_for != this:
         raise ValueError(f"{node_name}: these adapters were trained on other weights (base fingerprint {made_for}; "
