@@ -10,7 +10,7 @@ from ..guiders.adaptive import CRITERIA, DEFAULT_THRESHOLD, AGConfig
 from .adaptive_patch import (COEFFICIENTS_FOLDER, DISPLAY_NAME, FIT_DISPLAY_NAME, FIT_NODE_ID, LINEAR_DISPLAY_NAME,
                              LINEAR_NODE_ID, NODE_ID, LinearAGCoefficients, apply_ag, check_model, fit_linear_ag)
 from .reference import WEIGHTS_DIR
-from .validation import check_widgets
+from .validation import check_widgets, filename_rule
 
 REFERENCE_COEFFICIENTS = WEIGHTS_DIR / COEFFICIENTS_FOLDER
 
@@ -162,12 +162,7 @@ class FitLinearAG(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        def name_rule(v):
-            name = v.get("filename")
-            if name is not None and (not name.strip() or os.sep in name or "/" in name or name.startswith(".")):
-                return f"filename is {name!r}: give a plain file name, no folders"
-            return None
-        return check_widgets(cls, values, name_rule)
+        return check_widgets(cls, values, filename_rule)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, sampler_name, scheduler, steps, cfg, seed, images,

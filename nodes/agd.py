@@ -11,7 +11,7 @@ from ..guiders.agd import AdapterSpec, save_adapters
 from .agd_patch import (BASE_CHECKS, DISPLAY_NAME, FOLDER, NODE_ID, TRAIN_DISPLAY_NAME, TRAIN_NODE_ID, TrainingSettings,
                         apply_agd, read_adapter_file, train_agd)
 from .reference import WEIGHTS_DIR
-from .validation import check_widgets
+from .validation import check_widgets, filename_rule
 
 REFERENCE_ADAPTERS = WEIGHTS_DIR / FOLDER
 
@@ -139,18 +139,12 @@ class AGDTrain(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        def name_rule(v):
-            name = v.get("filename")
-            if name is not None and (not name.strip() or os.sep in name or "/" in name or name.startswith(".")):
-                return f"filename is {name!r}: give a plain file name, no folders"
-            return None
-
         def range_rule(v):
             low, high = v.get("scale_low"), v.get("scale_high")
             if low is not None and high is not None and low > high:
                 return f"scale_low ({low:g}) is above scale_high ({high:g})"
             return None
-        return check_widgets(cls, values, name_rule, range_rule)
+        return check_widgets(cls, values, filename_rule, range_rule)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, scale_low, scale_high, trajectories, trajectory_batch,

@@ -9,6 +9,7 @@ added by the node. Linked inputs carry no value at queue time and are left to th
 """
 
 import math
+import os
 
 from comfy_api.latest import io
 
@@ -55,4 +56,12 @@ def sigma_range_rule(values: dict) -> str | None:
         check_sigma_range(values["sigma_start"], values["sigma_end"])
     except ValueError as e:
         return f"{e}: set sigma_start >= sigma_end (sigma falls during sampling; the node acts between the two)"
+    return None
+
+
+def filename_rule(values: dict) -> str | None:
+    """The rule of every node that saves a file: `filename` is a plain file name, no folders."""
+    name = values.get("filename")
+    if name is not None and (not name.strip() or os.sep in name or "/" in name or name.startswith(".")):
+        return f"filename is {name!r}: give a plain file name, no folders"
     return None

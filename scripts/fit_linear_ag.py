@@ -21,16 +21,21 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_arguments(p: argparse.ArgumentParser, positive: str, negative: str) -> None:
+    """The arguments of the model and prompts that the pack's commands share."""
     p.add_argument("--comfyui", required=True, help="ComfyUI folder (scripts/setup_host.sh prints it)")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="a ComfyUI checkpoint file (model and text encoder)")
     model.add_argument("--reference", action="store_true", help="the pack's embedded reference model, every class")
-    p.add_argument("--positive", default="", help="the prompt the coefficients are fitted on (checkpoint only)")
-    p.add_argument("--negative", default="", help="the negative prompt you sample with (checkpoint only)")
+    p.add_argument("--positive", default="", help=f"{positive} (checkpoint only)")
+    p.add_argument("--negative", default="", help=f"{negative} (checkpoint only)")
     p.add_argument("--width", type=int, default=None, help="image width (default: 512, or 32 for --reference)")
     p.add_argument("--height", type=int, default=None, help="image height (default: 512, or 32 for --reference)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(p, "the prompt the coefficients are fitted on", "the negative prompt you sample with")
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--steps", type=int, default=20)

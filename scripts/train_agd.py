@@ -18,19 +18,12 @@ import pathlib
 import sys
 import time
 
-from fit_linear_ag import checkpoint_inputs, load_comfyui, reference_inputs
+from fit_linear_ag import add_model_arguments, checkpoint_inputs, load_comfyui, reference_inputs
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--comfyui", required=True, help="ComfyUI folder (scripts/setup_host.sh prints it)")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="a ComfyUI checkpoint file (model and text encoder)")
-    model.add_argument("--reference", action="store_true", help="the pack's embedded reference model, every class")
-    p.add_argument("--positive", default="", help="the prompt to train on (checkpoint only)")
-    p.add_argument("--negative", default="", help="the negative prompt of the CFG distilled (checkpoint only)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: 512, or 32 for --reference)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: 512, or 32 for --reference)")
+    add_model_arguments(p, "the prompt to train on", "the negative prompt of the CFG distilled")
     p.add_argument("--scale-low", type=float, default=1.0)
     p.add_argument("--scale-high", type=float, default=None, help="default: 12, or 6 for --reference")
     p.add_argument("--trajectories", type=int, default=None, help="default: 256, or 500 for --reference")
