@@ -144,7 +144,12 @@ class AGDTrain(io.ComfyNode):
             if low is not None and high is not None and low > high:
                 return f"scale_low ({low:g}) is above scale_high ({high:g})"
             return None
-        return check_widgets(cls, values, filename_rule, range_rule)
+        def width_rule(v):
+            width = v.get("hidden_dim")
+            if width is not None and width % 2:
+                return f"hidden_dim is {width}: give an even width (the adapters' positions are sines and cosines)"
+            return None
+        return check_widgets(cls, values, filename_rule, range_rule, width_rule)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, scale_low, scale_high, trajectories, trajectory_batch,

@@ -15,6 +15,7 @@ the cost), and guidance patches that need the unconditional pass are refused, na
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -88,7 +89,7 @@ def new_adapters(model, spec: AdapterSpec, seed: int, node_name: str = TRAIN_DIS
     return adapters
 
 
-def check_base(adapters: AdapterSet, model, base_check: str, node_name: str = DISPLAY_NAME) -> None:
+def check_base(adapters: AdapterSet, model, base_check: str, node_name: str = NODE_ID) -> None:
     """Refuses adapters made for another base: another layout always, other weights under 'exact weights'."""
     points, time_dim, prompt_dim = attachment_points(model, node_name)
     expected = AdapterSet.__new__(AdapterSet)
@@ -108,7 +109,7 @@ def check_base(adapters: AdapterSet, model, base_check: str, node_name: str = DI
                          f"reports that adapters carry over to such checkpoints).")
 
 
-def read_adapter_file(path: str, node_name: str = DISPLAY_NAME) -> AdapterSet:
+def read_adapter_file(path: str, node_name: str = NODE_ID) -> AdapterSet:
     tensors, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
     try:
         return load_adapters(tensors, metadata)
@@ -152,7 +153,10 @@ class AGDPatch:
     def add_adapter(self, n, extra_options):
         kind, block = extra_options["block"]
         name = f"{kind}_{block}_{extra_options.get('block_index', 0)}"
-        x, context = extra_options.pop(INPUT_KEY)
+        kept = extra_options.pop(INPUT_KEY, None)
+        if kept is None:  # a transformer block without cross-attention: ComfyUI still runs the output patches
+            return n
+        x, context = kept
         rows = x.shape[0]
         scales = extra_options.get(SCALE_KEY)
         if scales is None:
@@ -356,15 +360,47 @@ def ordinary_calls(model, x, sigmas, extra_args=None, callback=None, disable=Non
     return clean
 
 
+def inputs_digest(*values) -> str:
+    """A digest of the trajectories' inputs (conditionings and latents, nested in lists and dicts), so that chunks
+    made from other prompts are never reused."""
+    digest = hashlib.sha256()
+
+    def add(value):
+        if torch.is_tensor(value):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                add(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                add(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    for value in values:
+        add(value)
+    return digest.hexdigest()[:16]
+
+
 def make_trajectories(model, positive, negative, latent: torch.Tensor, settings: TrainingSettings, cache: pathlib.Path,
                       progress=None, clean: torch.Tensor | None = None) -> list[pathlib.Path]:
     """Chunk files of training pairs in `cache` (one per batch of trajectories; chunks already there are kept, so an
     interrupted run resumes). `latent`: one latent of the size to train at, or (ordinary) ignored for `clean`."""
     import comfy.sample
 
+    if (clean is not None) != settings.ordinary:
+        raise ValueError(f"{TRAIN_DISPLAY_NAME}: settings.ordinary is {settings.ordinary}, but clean latents were "
+                         f"{'given' if clean is not None else 'not given'}; the ablation needs both, CFG trajectories "
+                         "neither.")
     cache.mkdir(parents=True, exist_ok=True)
     manifest = cache / "trajectories.json"
-    fields = json.dumps(settings.trajectory_fields(), sort_keys=True)
+    fields = json.dumps({**settings.trajectory_fields(), "base": model_fingerprint(model),
+                         "inputs": inputs_digest(positive, negative, latent if clean is None else clean)},
+                        sort_keys=True)
     if manifest.exists() and manifest.read_text() != fields:
         for old in cache.glob("chunk_*.safetensors"):
             old.unlink()
@@ -390,7 +426,7 @@ def make_trajectories(model, positive, negative, latent: torch.Tensor, settings:
                 comfy.sample.sample(recording, noise, settings.sample_steps, 2.0, settings.sampler, settings.scheduler,
                                     positive, negative, empty, seed=seed, disable_pbar=True)
             else:
-                images = clean[start % clean.shape[0]:][:count]
+                images = clean[torch.arange(start, start + count) % clean.shape[0]]  # in turn, cycling
                 sampler = comfy.samplers.KSAMPLER(ordinary_calls, extra_options={
                     "clean": model.model.process_latent_in(images), "generator": torch.Generator().manual_seed(seed)})
                 sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), settings.scheduler,

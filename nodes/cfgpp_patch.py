@@ -14,6 +14,7 @@ composition test). CFG++ forms the guided prediction D_λ from the raw predictio
   cfg 1, where it sees the conditional prediction instead of D_λ, so CFG++ would drop or distort it: refused;
 - Adaptive Guidance / LinearAG are refused: they drop the unconditional pass once CFG's step at the guider's cfg
   agrees with the conditional one, which under CFG++ (cfg 1) is at once, and CFG++ renoises with that pass;
+- AGD is refused: its adapters make the conditional pass CFG's guided prediction, which CFG++ would guide again;
 - APG is refused: CFG++ interpolates (λ ≤ 1) and renoises with the unconditional prediction, while APG reshapes
   the extrapolation beyond D_c at w > 1; at w = λ < 1 its update moves D_λ away from D_u, so λ = 0 would no longer
   sample unconditionally, and neither paper defines the combination.
@@ -68,6 +69,10 @@ def refused_patches(model_options: dict):
         yield (patch_owner(model_options["sampler_cfg_function"]), "replaces ComfyUI's CFG step with a CFG function, "
                "which CFG++ bypasses: it combines the raw predictions itself")
     for hook in model_options.get("sampler_pre_cfg_function", []):
+        if getattr(getattr(hook, "__self__", None), "distills_guidance", False):
+            yield (hook.__self__.node_name, "makes the model's conditional pass give CFG's guided prediction (sample "
+                   "it at cfg 1 with a regular sampler), while CFG++ forms its own guided prediction from the base "
+                   "model's conditional and unconditional predictions and renoises with the unconditional one")
         if getattr(getattr(hook, "__self__", None), "skips_unconditional_passes", False):
             yield (hook.__self__.node_name, "decides when to drop the unconditional pass from CFG's step at the "
                    "guider's cfg, which is 1 under CFG++ (so it would drop it at once), while CFG++ needs the "

@@ -10,7 +10,7 @@ PAG's term into its guided prediction and refuses the others (nodes/cfgpp_patch.
 
 Each later method adds itself to PATCHES (or as a sampler) with its reference stage; the README's table "What
 composes with what" is generated from these cases: a test checks that the README carries it (and prints the table
-to paste when it does not).
+to paste when it does not). AGD, whose model samples at cfg 1, has cases of its own (after the CFG++ ones).
 """
 
 import dataclasses
@@ -32,6 +32,7 @@ from cfgpp_reference import noise_prediction, paper_coefficients
 from test_e2e_server import saved_images
 from test_elucd_sampling import ddpm_variance, latent_classifier, official_step_prediction
 from test_pag_sampling import Spy, apg, flux_identity, pag, rel_err, slim_model, unet_identity
+from test_pag_sampling import one_torch_thread  # noqa: F401 (autouse: one torch thread, see there)
 
 CFG = 6.0
 LAMBDA = 0.6
@@ -457,15 +458,163 @@ def test_pag_under_cfgpp_through_the_server(comfy_server):
     assert 0.002 < weak < strong
 
 
+# Adapter guidance distillation (AGD) ---------------------------------------------------------------------------------
+# AGD's adapters give CFG's prediction in the conditional pass, so its model is sampled at cfg 1, with no
+# unconditional pass: a node that needs that pass, the cfg scale or CFG's combination (APG, AG, LinearAG, RescaleCFG,
+# CFGNorm, CFGZeroStar, CFG++) cannot act on it and is refused, naming both nodes, in either order (at apply time,
+# or when the run starts); a term added to the guided prediction that needs neither (PAG's s (D − D̂), EluCD's
+# classifier step on D) composes, on AGD's one-pass prediction D_agd.
+
+AGD = "AGD"
+SHOWN_NAMES[AGD] = "Adapter Guidance Distillation (AGD)"
+AGD_SCALE = 4.0
+COMPOSES_WITH_AGD = {"PAG", "EluCD"}
+AGD_ORDERS = [(other, AGD) for other in PATCHES] + [(AGD, other) for other in PATCHES]
+AGD_COMPOSED = [pair for pair in AGD_ORDERS if set(pair) & COMPOSES_WITH_AGD]
+AGD_REFUSED = [pair for pair in AGD_ORDERS if pair not in AGD_COMPOSED] + [(AGD, AGD)]
+
+
+@functools.cache
+def agd_adapters():
+    """Adapters for the matrix's model with random output projections (fresh ones would be the identity)."""
+    from comfyui_guidance.guiders.agd import AdapterSpec
+    from comfyui_guidance.nodes.agd_patch import new_adapters
+
+    adapters = new_adapters(setup()[0], AdapterSpec(hidden_dim=8), seed=1)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for adapter in adapters.adapters.values():
+            adapter.out_proj.weight.normal_(0.0, 1.0, generator=generator)
+            adapter.out_proj.bias.normal_(0.0, 0.1, generator=generator)
+    return adapters
+
+
+def agd(comfy, model):
+    from comfyui_guidance.nodes.agd_patch import apply_agd
+
+    return apply_agd(model, agd_adapters(), AGD_SCALE)
+
+
+def apply_by_name(comfy, model, name):
+    return agd(comfy, model) if name == AGD else PATCHES[name].apply(comfy, model)
+
+
+class AGDSpy:
+    """For runs at cfg 1 with AGD: a pre-CFG hook before the patches records each call's raw conditional prediction;
+    a post-CFG hook after them records the guided result and makes, at the same state and each in a model call of its
+    own: AGD's one-pass prediction D_agd and AGD's prediction with PAG's perturbation (the reference perturbation),
+    both on the run's options, which carry AGD's adapters; and the base model's conditional and perturbed
+    predictions, on the base model's options, without the adapters."""
+
+    guides_denoised = True  # it reads the guided prediction only, so AGD's run check lets it follow AGD
+
+    def __init__(self, base_options):
+        self.base_options = base_options
+        self.raw, self.inputs, self.sigmas, self.guided = [], [], [], []
+        self.one_pass, self.perturbed, self.base, self.base_perturbed = [], [], [], []
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options; keep recording here
+        return self
+
+    def around(self, model, patch):
+        before = model.clone()
+        before.set_model_sampler_pre_cfg_function(self.pre)
+        after = patch(before).clone()
+        after.set_model_sampler_post_cfg_function(self.post)
+        return after
+
+    def pre(self, args):
+        assert args["conds"][1] is None  # cfg 1: no unconditional pass
+        self.raw.append(args["conds_out"][0].double())
+        return args["conds_out"]
+
+    def post(self, args):
+        model, cond, x, sigma, options = (args[k] for k in ("model", "cond", "input", "sigma", "model_options"))
+        perturb = PAG_REFERENCES["sd15"]
+
+        def predict(options):
+            return calc_cond_batch(model, [cond], x, sigma, options)[0].double()
+
+        self.inputs.append(x.double())
+        self.sigmas.append(float(sigma[0]))
+        self.guided.append(args["denoised"].double())
+        self.one_pass.append(predict(options))
+        self.perturbed.append(predict(perturb(options.copy())))
+        self.base.append(predict(self.base_options))
+        self.base_perturbed.append(predict(perturb(self.base_options.copy())))
+        return args["denoised"]
+
+    def steps(self, predictions):
+        schedule = (*self.sigmas, 0.0)  # one call per step (euler), down to 0 (normal)
+        return [Step(x, sigma, d, None, None, i, schedule)
+                for i, (x, sigma, d) in enumerate(zip(self.inputs, self.sigmas, predictions))]
+
+
+def agd_stack_reference(other, spy):
+    """(the float64 result of each call of AGD stacked with `other`, of AGD alone, of `other` alone at cfg 1)."""
+    if other == "PAG":
+        stacked = [d + PAG_SCALE * (d - p) for d, p in zip(spy.one_pass, spy.perturbed)]
+        alone = [b + PAG_SCALE * (b - p) for b, p in zip(spy.base, spy.base_perturbed)]
+    else:  # EluCD acts on whatever prediction it is handed: AGD's one-pass one
+        stacked = [elucd_post(step, None, step.cond) for step in spy.steps(spy.one_pass)]
+        alone = [elucd_post(step, None, step.cond) for step in spy.steps(spy.base)]
+    return stacked, spy.one_pass, alone
+
+
+@pytest.mark.parametrize("first,second", AGD_COMPOSED, ids=[f"{a}-then-{b}" for a, b in AGD_COMPOSED])
+def test_agd_pair_equals_float64_reference(comfy, first, second):
+    """PAG and EluCD on AGD's model at cfg 1, either order: each call's guided prediction is the other node's term
+    on AGD's one-pass prediction (PAG: D_agd + s (D_agd − D̂_agd), D̂_agd AGD's prediction under PAG's perturbation;
+    EluCD: its classifier step on D_agd), and differs from AGD alone and from the other node alone."""
+    model, positive, negative, latent = setup()
+    other = first if second == AGD else second
+    spy = AGDSpy(model.model_options)
+    stack = spy.around(model, lambda m: apply_by_name(comfy, apply_by_name(comfy, m, first), second))
+    slim_models.ksample(stack, positive, negative, latent, cfg=1.0, steps=MATRIX_STEPS)
+    assert len(spy.guided) == MATRIX_STEPS and spy.guided[0].shape[0] == 2
+    stacked, agd_alone, other_alone = agd_stack_reference(other, spy)
+    for raw, one_pass in zip(spy.raw, spy.one_pass):  # the run's conditional pass carries the adapters
+        assert rel_err(raw, one_pass) < 1e-5
+    for got, want in zip(spy.guided, stacked):
+        assert rel_err(got, want) < 1e-5
+    for alone in (agd_alone, other_alone):
+        assert max(rel_err(got, want) for got, want in zip(spy.guided, alone)) > 1e-3
+
+
+@pytest.mark.parametrize("first,second", AGD_REFUSED, ids=[f"{a}-then-{b}" for a, b in AGD_REFUSED])
+def test_agd_pair_refused_naming_both(comfy, first, second):
+    """Refused when the second node is applied, or at the latest when the run starts, naming both nodes."""
+    model, positive, negative, latent = setup()
+    with pytest.raises(ValueError) as refusal:
+        stacked = apply_by_name(comfy, apply_by_name(comfy, model, first), second)
+        slim_models.ksample(stacked, positive, negative, latent, cfg=1.0, steps=MATRIX_STEPS)
+    message = str(refusal.value)
+    assert SHOWN_NAMES[first] in message and SHOWN_NAMES[second] in message
+    if first == second:
+        assert message.count(SHOWN_NAMES[AGD]) >= 2
+
+
+def test_agd_under_cfgpp_refused_naming_both(comfy):
+    """CFG++ forms its guided prediction from the conditional and unconditional predictions of the base model and
+    renoises with the unconditional one; AGD's conditional pass already is the guided prediction: refused."""
+    model = slim_model("sd15", "eps")
+    with pytest.raises(ValueError) as refusal:
+        cfgpp_sample(comfy, agd(comfy, model))
+    assert SHOWN_NAMES[AGD] in str(refusal.value) and CFGPP in str(refusal.value)
+
+
 def composition_table() -> str:
     """The README's table: for each ordered pair (row first, then column), whether it composes or is refused."""
-    columns = [*PATCHES, CFGPP]
+    rows = [*PATCHES, AGD]
+    columns = [*rows, CFGPP]
     lines = ["| first ↓ then → | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
-    for first in PATCHES:
+    for first in rows:
         cells = []
         for second in columns:
             if second == CFGPP:
                 cells.append("composes" if first in CARRIED_BY_CFGPP else "refused")
+            elif AGD in (first, second):
+                cells.append("composes" if (first, second) in AGD_COMPOSED else "refused")
             else:
                 cells.append("composes" if (first, second) in PATCH_PAIRS
                              else "refused" if (first, second) in REFUSED_PAIRS else "–")

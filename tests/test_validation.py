@@ -124,6 +124,88 @@ def test_good_values_still_run(comfy_server):
     assert entry["status"]["status_str"] == "success"
 
 
+# Adapter guidance distillation: Apply (a model patch, before the KSampler) and Train (an output node of its own) -----
+
+AGD_APPLY, AGD_APPLY_NAME = "GuidanceAGDApply", "Adapter Guidance Distillation (AGD)"
+AGD_TRAIN, AGD_TRAIN_NAME = "GuidanceAGDTrain", "Train AGD Adapters"
+AGD_FILE = "validation_agd.safetensors"
+AGD_APPLY_INPUTS = {"adapters": AGD_FILE, "scale": 4.0, "base_check": "exact weights"}
+AGD_TRAIN_INPUTS = {"scale_low": 1.0, "scale_high": 12.0, "trajectories": 4, "trajectory_batch": 2,
+                    "sampler_name": "euler", "scheduler": "normal", "sample_steps": 4, "train_steps": 10,
+                    "batch_size": 4, "learning_rate": 1e-4, "hidden_dim": 8, "seed": 0, "filename": "validation_agd"}
+AGD_BAD_VALUES = [
+    (AGD_APPLY, AGD_APPLY_NAME, {"scale": NAN}, "scale is nan: enter a finite number between 1 and 100 (default 4)"),
+    (AGD_APPLY, AGD_APPLY_NAME, {"scale": INF}, "scale is inf"),
+    (AGD_APPLY, AGD_APPLY_NAME, {"scale": 0.5}, "scale is 0.5: enter a number between 1 and 100"),
+    (AGD_APPLY, AGD_APPLY_NAME, {"base_check": "any weights"},
+     "base_check is 'any weights': choose one of exact weights, same architecture"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"scale_low": NAN}, "scale_low is nan"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"scale_high": INF}, "scale_high is inf"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"learning_rate": NAN}, "learning_rate is nan"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"scale_low": 0.5}, "scale_low is 0.5: enter a number between 1 and 100"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"learning_rate": 2.0}, "learning_rate is 2: enter a number between 1e-07 and 1"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"trajectories": 0}, "trajectories is 0: enter a number between 1 and"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"scale_low": 8.0, "scale_high": 4.0}, "scale_low (8) is above scale_high (4)"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"filename": "runs/adapters"},
+     "filename is 'runs/adapters': give a plain file name, no folders"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"filename": "../adapters"}, "give a plain file name, no folders"),
+    (AGD_TRAIN, AGD_TRAIN_NAME, {"filename": " "}, "give a plain file name, no folders"),
+]
+
+
+def agd_train_prompt(inputs):
+    """Reference model → Train AGD Adapters (node 4, an output node), in API format."""
+    prompt = reference_prompt(APG, APG_INPUTS)
+    for node in ("5", "6", "7"):
+        del prompt[node]
+    prompt["4"] = {"class_type": AGD_TRAIN, "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1],
+                                                        "latent_image": ["3", 0], **inputs}}
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def agd_adapter_file(comfy, comfy_server):
+    """Adapters for the reference model, in the server's models/agd_adapters, where Apply AGD lists them."""
+    from comfyui_guidance.guiders.agd import AdapterSpec, save_adapters
+    from comfyui_guidance.nodes.agd_patch import FOLDER, new_adapters
+
+    loader = comfy.NODE_CLASS_MAPPINGS["GuidanceReferenceModelLoader"]
+    model = loader.execute(weights="fashion_diffusion.safetensors").result[0]
+    folder = comfy_server.base / "models" / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    save_adapters(new_adapters(model, AdapterSpec(hidden_dim=8), 0), str(folder / AGD_FILE))
+    return AGD_FILE
+
+
+def agd_prompt_for(node, changes):
+    if node == AGD_TRAIN:
+        return agd_train_prompt(AGD_TRAIN_INPUTS | changes)
+    return reference_prompt(AGD_APPLY, AGD_APPLY_INPUTS | changes)
+
+
+@pytest.mark.parametrize("node,name,changes,message", AGD_BAD_VALUES,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, _, c, _ in AGD_BAD_VALUES])
+def test_agd_bad_value_is_refused_at_queue_time(comfy_server, agd_adapter_file, node, name, changes, message):
+    status, body = comfy_server.request("/prompt", {"prompt": agd_prompt_for(node, changes)})
+    assert status == 400, body[:500]
+    errors = json.loads(body)["node_errors"]["4"]["errors"]
+    details = {e["details"] for e in errors}
+    assert all(f"{name}: " in d and message in d for d in details), details
+    assert set(changes) <= {e["extra_info"]["input_name"] for e in errors}
+
+
+def test_agd_good_values_run_and_cfg_is_checked_when_sampling(comfy_server, agd_adapter_file):
+    """The same Apply AGD prompt passes the queue-time checks; its KSampler at cfg 3 stops the run naming the node
+    and the fix, and at cfg 1 it runs (fresh adapters: the reference model's own conditional images)."""
+    prompt = agd_prompt_for(AGD_APPLY, {})
+    entry = comfy_server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "error"
+    message = next(m[1]["exception_message"] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert AGD_APPLY in message and "cfg is 3" in message and "Set cfg to 1.0" in message
+    prompt["5"]["inputs"]["cfg"] = 1.0
+    assert comfy_server.run_prompt(prompt)["status"]["status_str"] == "success"
+
+
 def pack_nodes():
     return asyncio.run(GuidanceExtension().get_node_list())
 
