@@ -306,8 +306,8 @@ def model_fingerprint(model) -> str:
     """A fingerprint of the diffusion model's weights: SHA-256 over every tensor's name, shape and up to 4096 evenly
     spaced values (as float32), and the names and strengths of the patches (LoRAs) on the ModelPatcher. Reading
     every value of a multi-gigabyte UNet would take seconds per check; the sample tells models apart as well in
-    practice. The storage dtype is left out: ComfyUI loads the same file as float16 on a GPU and float32 on a CPU,
-    and coefficients fitted on one hold on the other."""
+    practice. The values are hashed rounded to bfloat16, so the load dtype is left out: ComfyUI loads the same file as
+    float32 on a CPU and float16 or bfloat16 on a GPU, and what was fitted or trained on one holds on the others."""
     digest = hashlib.sha256()
     state = model.get_model_object("diffusion_model").state_dict()
     for name in sorted(state):
@@ -316,7 +316,7 @@ def model_fingerprint(model) -> str:
         flat = tensor.detach().flatten()
         if flat.numel():
             step = max(1, flat.numel() // 4096)
-            digest.update(flat[::step].float().cpu().numpy().tobytes())
+            digest.update(flat[::step].to(torch.bfloat16).float().cpu().numpy().tobytes())
     for key in sorted(getattr(model, "patches", {})):
         strengths = [(p[0], p[2]) for p in model.patches[key]]
         digest.update(f"{key}:{strengths}".encode())

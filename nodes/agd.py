@@ -111,7 +111,8 @@ class AGDTrain(io.ComfyNode):
                 io.Int.Input("trajectories", default=settings.trajectories, min=1, max=1_000_000,
                              tooltip="CFG runs sampled for training; every model call of each is a training pair."),
                 io.Int.Input("trajectory_batch", default=settings.trajectory_batch, min=1, max=4096,
-                             tooltip="Trajectories per sampling run (and per chunk file on disk)."),
+                             tooltip="Trajectories per sampling run (and per chunk file on disk); a multiple of the "
+                             "number of prompts in a batched positive (10 for the reference model's 'all classes')."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default=settings.sampler,
                                tooltip="Sampler of the trajectories: the one you will sample with visits the same "
                                "states."),
@@ -130,7 +131,9 @@ class AGDTrain(io.ComfyNode):
                              tooltip="Width of each adapter's attention (320 in the paper for Stable Diffusion). "
                              "Adapters grow with it; about 2% of the model's parameters is the paper's size."),
                 io.Int.Input("seed", default=settings.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seed of the scales, noise, initialisation and batches."),
+                             control_after_generate=False,
+                             tooltip="Seed of the scales, noise, initialisation and batches (fixed: a run queued "
+                             "again with the same seed resumes)."),
                 io.String.Input("filename", default="agd_adapters",
                                 tooltip=f"File name (without extension) in models/{FOLDER}/."),
             ],

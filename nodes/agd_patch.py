@@ -396,6 +396,12 @@ def make_trajectories(model, positive, negative, latent: torch.Tensor, settings:
         raise ValueError(f"{TRAIN_DISPLAY_NAME}: settings.ordinary is {settings.ordinary}, but clean latents were "
                          f"{'given' if clean is not None else 'not given'}; the ablation needs both, CFG trajectories "
                          "neither.")
+    prompts = positive[0][0].shape[0] if positive else 1
+    if settings.trajectory_batch % prompts:
+        raise ValueError(f"{TRAIN_DISPLAY_NAME}: the positive conditioning holds a batch of {prompts} prompts, but "
+                         f"trajectory_batch is {settings.trajectory_batch}; ComfyUI would cut the batch of prompts to "
+                         f"fit, and some prompts would never be trained on. Set trajectory_batch to a multiple of "
+                         f"{prompts}.")
     cache.mkdir(parents=True, exist_ok=True)
     manifest = cache / "trajectories.json"
     fields = json.dumps({**settings.trajectory_fields(), "base": model_fingerprint(model),

@@ -22,6 +22,10 @@ APG = "AdaptiveProjectedGuidance"
 # CPU budget: the shipped graphs run at most at this size and step count; everything else stays as shipped.
 TEST_SIZE = 64
 TEST_STEPS = 3
+# Train AGD Adapters at CPU cost: one CFG run of the ten classes and two optimizer steps (tests/test_agd.py checks what
+# training does).
+AGD_TRAINING_AT_TEST_SIZE = {"trajectories": 10, "trajectory_batch": 10, "sample_steps": TEST_STEPS, "train_steps": 2,
+                             "batch_size": 2}
 # Image pairs that differ too little at TEST_SIZE to compare: PAG on SDXL perturbs the middle block, which a 64-pixel
 # image shrinks to 2x2 tokens (tests/test_pag_sampling.py checks PAG's effect on every family).
 ALIKE_AT_TEST_SIZE = {("PAG and PAG + APG vs CFG (SDXL)/cfg", "PAG and PAG + APG vs CFG (SDXL)/pag"),
@@ -46,14 +50,17 @@ def nodes_of(prompt, class_type):
 
 def shrunk(prompt):
     """The shipped graph at CPU cost, the only change the tests make to it: every `steps` input at TEST_STEPS and
-    every empty latent no larger than TEST_SIZE (a family's native size below it, e.g. 32 px, is kept). A graph with
-    LinearAG keeps its step count: its coefficients belong to one (and LinearAG refuses another)."""
+    every empty latent no larger than TEST_SIZE (a family's native size below it, e.g. 32 px, is kept), and Train AGD
+    Adapters at AGD_TRAINING_AT_TEST_SIZE. A graph with LinearAG keeps its step count: its coefficients belong to one
+    (and LinearAG refuses another)."""
     prompt = copy.deepcopy(prompt)
     fixed_steps = any(node["class_type"] == "GuidanceLinearAG" for node in prompt.values())
     for node in prompt.values():
         inputs = node["inputs"]
         if isinstance(inputs.get("steps"), int) and not fixed_steps:
             inputs["steps"] = TEST_STEPS
+        if node["class_type"] == "GuidanceAGDTrain":
+            inputs.update(AGD_TRAINING_AT_TEST_SIZE)
         if node["class_type"].startswith("Empty"):
             for side in ("width", "height"):
                 if isinstance(inputs.get(side), int):
@@ -98,10 +105,17 @@ def test_pack_imports_cleanly(comfy_server):
 @pytest.mark.parametrize("path", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_shipped_workflow_runs(comfy_server, path):
     """The shipped graph runs and saves its images (for APG: CFG ones and APG ones): right size, finite,
-    non-constant, and different between outputs, since each graph compares guidance settings on the same seed."""
+    non-constant, and different between outputs, since each graph compares guidance settings on the same seed. A
+    training node saves its file (removed again: the server's models folder keeps only the fixtures)."""
     prompt = shrunk(load(path))
     entry = comfy_server.run_prompt(prompt)
+    trained = [comfy_server.base / "models" / "agd_adapters" / f"{node['inputs']['filename']}.safetensors"
+               for node in nodes_of(prompt, "GuidanceAGDTrain").values()]
+    saved = [file.is_file() and not file.with_suffix(".training").exists() for file in trained]
+    for file in trained:
+        file.unlink(missing_ok=True)
     assert entry["status"]["status_str"] == "success", entry["status"]
+    assert all(saved), trained
     images = saved_images(comfy_server, entry)
     assert sorted(images) == sorted(n["inputs"]["filename_prefix"] for n in nodes_of(prompt, "SaveImage").values())
     for prefix, batch in images.items():

@@ -2,11 +2,12 @@
 test server with the pack) in headless Chromium, driven through selenium.
 
 For every shipped UI workflow: it loads through the frontend's own file input with no alert, toast, dialog or
-JavaScript error; every node is a registered node type and none is flagged; `app.graphToPrompt()` is exactly the
-shipped API workflow; every node and group title is visible at load in a 1600x1000 window (on the canvas, not under
-the toolbars, the side bar or the minimap), at a zoom that draws text, and no node covers another node or a group
-title. The template browser lists exactly the UI workflows, each with its thumbnail. One workflow is queued with the
-Run button and its images checked. On failure a screenshot is saved to out/browser/<test>.png.
+JavaScript error; every node is a registered node type (a server's, or a frontend-only note) and none is flagged;
+`app.graphToPrompt()` is exactly the shipped API workflow; every node and group title is visible at load in a
+1600x1000 window (on the canvas, not under the toolbars, the side bar or the minimap), at a zoom that draws text, and
+no node covers another node or a group title. The template browser lists exactly the UI workflows, each with its
+thumbnail. One workflow is queued with the Run button and its images checked. On failure a screenshot is saved to
+out/browser/<test>.png.
 
 Chromium and its driver are Debian's (scripts/setup_host.sh installs them); only loopback traffic.
 """
@@ -70,7 +71,7 @@ const nodes = app.graph.nodes.map(n => {
     const rect = toWindow(Array.from(n.boundingRect));
     const own = (n.widgets || []).map(w => w.element).filter(Boolean);
     return {id: n.id, type: n.type, graph_rect: Array.from(n.boundingRect), visible: onCanvas(rect, own),
-            registered: !!LiteGraph.registered_node_types[n.type] && !!n.constructor.nodeData,
+            registered: !!LiteGraph.registered_node_types[n.type] && (!!n.constructor.nodeData || !!n.isVirtualNode),
             flagged: !!n.has_errors, labels: (n.widgets || []).map(w => w.label || w.name)};
 });
 const groups = app.graph.groups.map(g => {
