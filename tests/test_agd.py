@@ -521,6 +521,16 @@ def test_cached_trajectories_are_made_anew_for_other_prompts_or_weights(comfy, t
     assert rel_err(chunk["target"], want) < 2e-3
 
 
+def test_a_trajectory_batch_that_would_drop_prompts_is_refused(comfy, tmp_path):
+    """ComfyUI cuts a batched positive to the latent batch: with 2 prompts and trajectories of 3, one prompt would be
+    trained on twice as often as the other, so the training stops before sampling and says what to set."""
+    model, positive, negative, latent = training_setup()
+    settings = TrainingSettings(trajectories=3, trajectory_batch=3, sample_steps=1, seed=0)
+    with pytest.raises(ValueError, match="batch of 2 prompts.*multiple of 2"):
+        agd_patch.make_trajectories(model, positive, negative, latent, settings, tmp_path)
+    assert not list(tmp_path.glob("chunk_*"))
+
+
 # 8. Ordinary trajectories (the paper's ablation) ---------------------------------------------------------------------
 
 
@@ -637,7 +647,7 @@ def test_train_node_saves_adapters_that_the_apply_node_loads(comfy, adapter_fold
     Guidance Distillation loads it by name, within its trained scale range."""
     model, positive, negative, latent = setup()
     train = comfy.NODE_CLASS_MAPPINGS[TRAIN_NODE_ID]
-    [path] = train.execute(model, positive, negative, latent, 2.0, 5.0, 1, 1, "euler", "normal", 2, 2, 2, 1e-3, 8, 0,
+    [path] = train.execute(model, positive, negative, latent, 2.0, 5.0, 2, 2, "euler", "normal", 2, 2, 2, 1e-3, 8, 0,
                            "tiny").result
     assert path == str(adapter_folder / "tiny.safetensors") and not (adapter_folder / "tiny.training").exists()
     loaded = agd_patch.read_adapter_file(path)
