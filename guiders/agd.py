@@ -23,8 +23,9 @@ the adapted model gives D_w. Its two points:
 
 Here the loss is taken on denoised predictions D, the space in which ComfyUI combines CFG, weighted per sample by
 1/b(σ)², b(σ) = |∂D/∂(model output)|, which makes it the official MSE of the model's own output whatever that output
-is (ε, v or a flow velocity: `output_space_weight`). For ε and v the target is the same as CFG on the raw outputs,
-since D is affine in the output with the same coefficients for both passes.
+is (ε, v or a flow velocity; `nodes/agd_patch.py` `output_scale` computes b(σ) with ComfyUI's noise schedule).
+For ε and v the target is the same as CFG on the raw outputs, since D is affine in the output with the same
+coefficients for both passes.
 
 This module holds the adapters and the training objective in plain torch; where the adapters attach in a ComfyUI
 model and the training loop are in `nodes/agd_patch.py`.
@@ -271,7 +272,7 @@ def uniform_scales(count: int, low: float, high: float, generator: torch.Generat
 
 def distillation_loss(student: torch.Tensor, target: torch.Tensor, output_scale: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the model's own output: of denoised predictions, each sample divided by
-    b(σ) = |∂D/∂output| (`output_space_weight`)."""
+    b(σ) = |∂D/∂output| (`nodes/agd_patch.py` `output_scale`)."""
     b = output_scale.to(student.dtype).view(-1, *[1] * (student.ndim - 1))
     return ((student - target) / b).square().mean()
 
