@@ -499,7 +499,7 @@ def apply_by_name(comfy, model, name):
     return agd(comfy, model) if name == AGD else PATCHES[name].apply(comfy, model)
 
 
-class AGDSpy:
+class AGDSpy(Spy):
     """For runs at cfg 1 with AGD: a pre-CFG hook before the patches records each call's raw conditional prediction;
     a post-CFG hook after them records the guided result and makes, at the same state and each in a model call of its
     own: AGD's one-pass prediction D_agd and AGD's prediction with PAG's perturbation (the reference perturbation),
@@ -509,19 +509,9 @@ class AGDSpy:
     guides_denoised = True  # it reads the guided prediction only, so AGD's run check lets it follow AGD
 
     def __init__(self, base_options):
+        super().__init__()
         self.base_options = base_options
-        self.raw, self.inputs, self.sigmas, self.guided = [], [], [], []
-        self.one_pass, self.perturbed, self.base, self.base_perturbed = [], [], [], []
-
-    def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options; keep recording here
-        return self
-
-    def around(self, model, patch):
-        before = model.clone()
-        before.set_model_sampler_pre_cfg_function(self.pre)
-        after = patch(before).clone()
-        after.set_model_sampler_post_cfg_function(self.post)
-        return after
+        self.inputs, self.one_pass, self.base, self.base_perturbed = [], [], [], []
 
     def pre(self, args):
         assert args["conds"][1] is None  # cfg 1: no unconditional pass
