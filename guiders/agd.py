@@ -231,9 +231,14 @@ class AdapterSet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def layout(self) -> dict:
-        """What must match for the adapters to load: spec, attachment points and condition widths."""
-        return {"spec": dataclasses.asdict(self.spec), "time_dim": self.time_dim, "prompt_dim": self.prompt_dim,
-                "points": [[p.block[0], p.block[1], p.index, p.input_dim] for p in self.points]}
+        return adapter_layout(self.points, self.spec, self.time_dim, self.prompt_dim)
+
+
+def adapter_layout(points: list[AttachmentPoint], spec: AdapterSpec, time_dim: int | None,
+                   prompt_dim: int | None) -> dict:
+    """What must match for adapters to load into a model: spec, attachment points and condition widths."""
+    return {"spec": dataclasses.asdict(spec), "time_dim": time_dim, "prompt_dim": prompt_dim,
+            "points": [[p.block[0], p.block[1], p.index, p.input_dim] for p in points]}
 
 
 def save_adapters(adapters: AdapterSet, path: str) -> None:

@@ -28,8 +28,8 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
-from ..guiders.agd import (AdapterSet, AdapterSpec, AttachmentPoint, StackedConditions, cfg_prediction,
-                           distillation_loss, learning_rate_factor, load_adapters, uniform_scales)
+from ..guiders.agd import (AdapterSet, AdapterSpec, AttachmentPoint, StackedConditions, adapter_layout,
+                           cfg_prediction, distillation_loss, learning_rate_factor, load_adapters, uniform_scales)
 from ..guiders.saliency import latent_weights
 from .adaptive_patch import model_fingerprint
 from .cfgpp_patch import patch_owner
@@ -92,17 +92,18 @@ def new_adapters(model, spec: AdapterSpec, seed: int, node_name: str = TRAIN_DIS
 def check_base(adapters: AdapterSet, model, base_check: str, node_name: str = NODE_ID) -> None:
     """Refuses adapters made for another base: another layout always, other weights under 'exact weights'."""
     points, time_dim, prompt_dim = attachment_points(model, node_name)
-    expected = AdapterSet.__new__(AdapterSet)
-    expected.points, expected.spec, expected.time_dim, expected.prompt_dim = points, adapters.spec, time_dim, prompt_dim
-    if adapters.layout() != AdapterSet.layout(expected):
-        def describe(a):
-            return (f"{len(a.points)} cross-attention layers of widths {sorted({p.input_dim for p in a.points})}, "
-                    f"context width {a.prompt_dim}, timestep embedding width {a.time_dim}")
+    if adapters.layout() != adapter_layout(points, adapters.spec, time_dim, prompt_dim):
+        def describe(points, time_dim, prompt_dim):
+            return (f"{len(points)} cross-attention layers of widths {sorted({p.input_dim for p in points})}, "
+                    f"context width {prompt_dim}, timestep embedding width {time_dim}")
         raise ValueError(f"{node_name}: these adapters were made for a model of another architecture "
-                         f"({describe(adapters)}; this model has {describe(expected)}). Train adapters for this model "
-                         f"with {TRAIN_DISPLAY_NAME}.")
+                         f"({describe(adapters.points, adapters.time_dim, adapters.prompt_dim)}; this model has "
+                         f"{describe(points, time_dim, prompt_dim)}). Train adapters for this model with "
+                         f"{TRAIN_DISPLAY_NAME}.")
+    if base_check != "exact weights":
+        return
     made_for, this = adapters.info.get("base_fingerprint"), model_fingerprint(model)
-    if base_check == "exact weights" and made_for != this:
+    if made_for != this:
         raise ValueError(f"{node_name}: these adapters were trained on other weights (base fingerprint {made_for}; "
                          f"this model's, LoRAs included, is {this}). Train adapters for this model, or set base_check "
                          f"to 'same architecture' to use them on a checkpoint derived from their base (the paper "
@@ -157,32 +158,42 @@ class AGDPatch:
         if kept is None:  # a transformer block without cross-attention: ComfyUI still runs the output patches
             return n
         x, context = kept
-        rows = x.shape[0]
-        scales = extra_options.get(SCALE_KEY)
-        if scales is None:
-            scales = torch.full((rows,), self.scale, device=x.device)
         time_embedding = extra_options[TIME_KEY]
+        call = extra_options[CALL_KEY]
         if self.trainable:  # each adapter on its own, in the adapters' float32, for autograd
             adapter = self.adapters.adapters[name]
             dtype = adapter.out_proj.weight.dtype
-            out = adapter(x.to(dtype), scales.to(x.device), time_embedding.to(dtype), context.to(dtype))
+            out = adapter(x.to(dtype), self.row_scales(extra_options, x), time_embedding.to(dtype), context.to(dtype))
         else:
             adapters, stacked, index = self.sampling_copy(n)
-            call = extra_options[CALL_KEY]
             if "keys" not in call:
-                call["keys"], call["values"] = stacked.keys_values(scales, time_embedding, context)
+                call["keys"], call["values"] = stacked.keys_values(self.row_scales(extra_options, x), time_embedding,
+                                                                   context)
             out = adapters.adapters[name].attend(x, call["keys"][index[name]], call["values"][index[name]])
         if self.mask is not None:
-            out = out * self.token_weights(extra_options, rows).to(out)
+            out = out * self.token_weights(extra_options, call, out)
         return n + out.to(n.dtype)
 
-    def token_weights(self, extra_options, rows: int) -> torch.Tensor:
-        """[rows, tokens, 1]: the mask at this layer's resolution, for every chunk of the call's batch."""
+    def row_scales(self, extra_options, x: torch.Tensor) -> torch.Tensor:
+        """[rows]: the guidance scale of each row of the call (a training batch's own, else the node's)."""
+        scales = extra_options.get(SCALE_KEY)
+        if scales is None:
+            return torch.full((x.shape[0],), self.scale, device=x.device)
+        return scales.to(x.device)
+
+    def token_weights(self, extra_options, call: dict, out: torch.Tensor) -> torch.Tensor:
+        """[rows, tokens, 1]: the mask at this layer's resolution, for every chunk of the call's batch; made once per
+        resolution and model call, on the features' device."""
         _, _, height, width = extra_options["activations_shape"]
-        chunks = max(len(extra_options.get("cond_or_uncond", [0])), 1)
-        weights = latent_weights(self.mask, torch.empty(rows // chunks, 1, height, width), self.node_name)
-        weights = weights.expand(rows // chunks, 1, height, width).repeat(chunks, 1, 1, 1)
-        return weights.flatten(1).unsqueeze(-1)
+        key = ("mask", height, width)
+        if key not in call:
+            rows = out.shape[0]
+            chunks = max(len(extra_options.get("cond_or_uncond", [0])), 1)
+            like = torch.empty(rows // chunks, 1, height, width, device=out.device)
+            weights = latent_weights(self.mask, like, self.node_name)
+            weights = weights.expand(rows // chunks, 1, height, width).repeat(chunks, 1, 1, 1)
+            call[key] = weights.flatten(1).unsqueeze(-1).to(out.dtype)
+        return call[key]
 
     def check_run(self, args: dict):
         """Pre-CFG hook: stops a run whose cfg is not 1, or that carries a patch needing the unconditional pass."""
@@ -226,15 +237,11 @@ def composition_problem(model_options: dict, own: AGDPatch) -> str | None:
     return None
 
 
-def patch_model_options(model_options: dict, patch: AGDPatch) -> dict:
-    """`model_options` with the patch's transformer patches added (a new dict; the input is left as it is)."""
-    options = {**model_options, "transformer_options": dict(model_options.get("transformer_options", {}))}
-    patches = {k: list(v) for k, v in options["transformer_options"].get("patches", {}).items()}
-    patches.setdefault("emb_patch", []).append(patch.keep_time_embedding)
-    patches.setdefault("attn2_patch", []).append(patch.keep_input)
-    patches.setdefault("attn2_output_patch", []).append(patch.add_adapter)
-    options["transformer_options"]["patches"] = patches
-    return options
+def attach(model, patch: AGDPatch) -> None:
+    """Adds the patch's transformer patches to the ModelPatcher `model` (a clone the caller owns)."""
+    model.set_model_emb_patch(patch.keep_time_embedding)
+    model.set_model_attn2_patch(patch.keep_input)
+    model.set_model_attn2_output_patch(patch.add_adapter)
 
 
 def apply_agd(model, adapters: AdapterSet, scale: float, base_check: str = "exact weights",
@@ -254,7 +261,7 @@ def apply_agd(model, adapters: AdapterSet, scale: float, base_check: str = "exac
     if problem:
         raise ValueError(problem)
     patched = model.clone()
-    patched.model_options = patch_model_options(patched.model_options, patch)
+    attach(patched, patch)
     patched.set_model_sampler_pre_cfg_function(patch.check_run)
     return patched
 
@@ -507,8 +514,8 @@ def train_adapters(model, adapters: AdapterSet, chunks: list[pathlib.Path], sett
     model_sampling = model.get_model_object("model_sampling")
     with torch.inference_mode(False), torch.enable_grad():
         adapters.to(device=device, dtype=torch.float32).train()
-        patch = AGDPatch(adapters, 0.0, trainable=True)
-        options = patch_model_options(model.model_options, patch)["transformer_options"]
+        attach(model, AGDPatch(adapters, 0.0, trainable=True))
+        options = model.model_options["transformer_options"]
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=settings.learning_rate,
                                       weight_decay=settings.weight_decay)
         generator = torch.Generator().manual_seed(settings.seed)

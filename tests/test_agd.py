@@ -594,7 +594,8 @@ def test_mask_weights_follow_the_token_order_of_each_layer():
     half = torch.zeros(2, 32, 32)
     half[0, :, :16] = 1
     patch = agd_patch.AGDPatch(None, AGD_SCALE, half)
-    weights = patch.token_weights({"activations_shape": [4, 64, 4, 4], "cond_or_uncond": [0, 1]}, rows=4)
+    weights = patch.token_weights({"activations_shape": [4, 64, 4, 4], "cond_or_uncond": [0, 1]}, {},
+                                  torch.empty(4, 16, 64))
     assert weights.shape == (4, 16, 1)
     left = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(4)
     for row, image in enumerate([0, 1, 0, 1]):
