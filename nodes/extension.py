@@ -11,6 +11,7 @@ from .cfgpp import CFGppDDIMInversion, CFGppDDIMSampleFromInversion, CFGppSample
 from .classifier import ClassifierTargetClasses, ReferenceClassifierLoader
 from .clip_classifier import CLIPVisionZeroShotClassifier
 from .elucd import EluCDClassifierGuidance
+from .frecas import FreCaSSampler
 from .pag import PerturbedAttentionGuidance
 from .reference import EmptyReferenceLatent, ReferenceClassConditioning, ReferenceModelLoader
 from .saliency import SaliencyMapFromMarkers, SaliencyMarkersFromPoints
@@ -23,4 +24,4 @@ class GuidanceExtension(ComfyExtension):
                 PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion,
                 AdaptiveGuidance, LinearAG, FitLinearAG, ReferenceClassifierLoader, CLIPVisionZeroShotClassifier,
                 ClassifierTargetClasses, EluCDClassifierGuidance, SaliencyMarkersFromPoints, SaliencyMapFromMarkers,
-                AGDApply, AGDTrain]
+                AGDApply, AGDTrain, FreCaSSampler]
