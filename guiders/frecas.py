@@ -114,13 +114,15 @@ def check_plan(steps: tuple[int, ...], ends: tuple[int, ...]) -> None:
         raise ValueError(f"the last stage must end at timestep 0 (a clean image); got stage_ends {list(ends)}")
     if any(not 0 <= e < FIRST_TIMESTEP for e in ends):
         raise ValueError(f"stage_ends are timesteps in [0, {FIRST_TIMESTEP}); got {list(ends)}")
-    if any(a <= b for a, b in zip(ends, ends[1:])):
-        raise ValueError(f"stage_ends must fall from stage to stage; got {list(ends)}")
+    if any(a < b for a, b in zip(ends, ends[1:])):  # equal ends pass: the official SD2.1 2048 plan is 200, 200, 0
+        raise ValueError(f"stage_ends must not rise from stage to stage; got {list(ends)}")
 
 
 def stage_sizes(base: tuple[int, int], target: tuple[int, int], stages: int) -> list[tuple[int, int]]:
     """Latent sizes from the training size `base` to `target`, in geometric steps (the official 3-stage plans are
     1024 → 2048 → 4096 and 512 → 1024 → 2048)."""
+    if stages < 2:
+        raise ValueError(f"FreCaS needs at least two stages; got {stages}")
     if target[0] < base[0] or target[1] < base[1] or tuple(target) == tuple(base):
         raise ValueError(f"the target latent {target[1]}x{target[0]} must be larger than the first stage's "
                          f"{base[1]}x{base[0]} in at least one side and smaller in none")

@@ -28,7 +28,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..guiders.frecas import (CrossAttentionMaps, Stage, attention_probabilities, check_weights, fa_cfg,
+from ..guiders.frecas import (CrossAttentionMaps, Stage, attention_probabilities, check_plan, check_weights, fa_cfg,
                               fuse_attention, plan_stages, stage_sizes)
 from ..guiders.saliency import latent_weights
 from .agd_patch import attachment_points
@@ -199,10 +199,13 @@ def stage_model(model, index: int, stages: list[Stage], settings: FreCaSSettings
     """A clone of `model` patched for stage `index`."""
     patched = model.clone()
     later = index > 0
-    if later or mask is not None:
+    # At cfg 1 (and cfg_high 1 in later stages) the guided prediction is the conditional one, which ComfyUI computes
+    # without the unconditional pass; FA-CFG's high band at cfg 1 needs that pass back.
+    guides = not math.isclose(settings.cfg, 1.0) or (later and not math.isclose(settings.cfg_high, 1.0))
+    if guides and (later or mask is not None):
         patched.set_model_sampler_cfg_function(
             FACFG(stages[index - 1].size if later else None, settings.cfg_high, mask),
-            disable_cfg1_optimization=later and not math.isclose(settings.cfg_high, 1.0))
+            disable_cfg1_optimization=later)
     if maps is not None:
         last = index == len(stages) - 1
         fusion = AttentionFusion(maps, settings.attention_fusion if later else 0.0,
@@ -274,7 +277,11 @@ def sample_frecas(model, positive, negative, latent: dict, seed: int, settings: 
     model_sampling = model.get_model_object("model_sampling")
     check_schedule(model_sampling)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    if vae is not None and samples.ndim != 4:  # refused before the first stage runs, not after it
+        raise ValueError(f"{DISPLAY_NAME}: stage transitions through the VAE take image latents; this one has shape "
+                         f"{tuple(samples.shape)}. Disconnect the VAE to upsample in the latent.")
     try:
+        check_plan(settings.steps, settings.ends)
         sizes = stage_sizes(tuple(samples.shape[-2:]), tuple(target), len(settings.steps))
         stages = plan_stages(sizes, settings.steps, settings.ends, settings.gamma,
                              None if is_flow(model_sampling) else alphas_cumprod(model_sampling))

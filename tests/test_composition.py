@@ -6,7 +6,10 @@ The nodes: the pack's APG, PAG and CFG++ Sampler, and the core CFG-function node
 so the reference of a stack applies, in float64 on the raw predictions of each step, first the pre-CFG patches
 (APG: the unconditional prediction for which CFG equals APG), then the CFG step (or RescaleCFG's), then the post-CFG
 patches in the order they were applied (PAG: + s (D_c − D̂); CFGNorm; CFGZeroStar). CFG++ is a sampler: it carries
-PAG's term into its guided prediction and refuses the others (nodes/cfgpp_patch.py says why).
+PAG's term into its guided prediction and refuses the others (nodes/cfgpp_patch.py says why). The FreCaS Sampler
+runs its stages with the model's patches: the pre- and post-CFG patches act in every stage (APG's update G takes the
+place of D_c − D_u and FA-CFG weights its frequency bands), and the patches that replace the CFG step, skip or distil
+its passes, or read the image at the training size are refused (nodes/frecas_patch.py says why).
 
 Each later method adds itself to PATCHES (or as a sampler) with its reference stage; the README's table "What
 composes with what" is generated from these cases: a test checks that the README carries it (and prints the table
@@ -593,16 +596,110 @@ def test_agd_under_cfgpp_refused_naming_both(comfy):
     assert SHOWN_NAMES[AGD] in str(refusal.value) and CFGPP in str(refusal.value)
 
 
+# FreCaS Sampler -----------------------------------------------------------------------------------------------------
+# A sampler, like CFG++: each of its stages is a sampling run of the patched model. Stage 1 is CFG; in later stages
+# FA-CFG (D_u + w_l low(D_c − D_u) + w_h high(D_c − D_u), low = bilinear to the previous stage's size and back) is the
+# CFG step, so a pre-CFG patch's unconditional prediction goes into it (APG: D_u' = D_c − G, giving
+# D_c + (w_l − 1) low(G) + (w_h − 1) high(G)) and a post-CFG patch edits its result.
+
+FRECAS = "FreCaS Sampler"
+SHOWN_NAMES[FRECAS] = FRECAS
+COMPOSES_WITH_FRECAS = {"APG", "PAG", "CFGNorm", "CFGZeroStar"}
+FRECAS_STEPS, FRECAS_CFG_HIGH, FRECAS_SIZES = (2, 2), 15.0, [(4, 4), (8, 8)]
+
+
+def frecas_sample(model, seed=0):
+    from comfyui_guidance.nodes.frecas_patch import FreCaSSettings, sample_frecas
+
+    positive, negative = slim_models.conditioning("sd15", batch=2)
+    latent = slim_models.empty_latent("sd15", batch=2, height=32, width=32)
+    plan = FreCaSSettings(FRECAS_STEPS, (300, 0), 3.0, CFG, FRECAS_CFG_HIGH, 0.0, "euler")
+    return sample_frecas(model, positive, negative, latent, seed, plan, FRECAS_SIZES[-1], progress=False)
+
+
+def fa_cfg_step(low_size):
+    """FA-CFG in float64 as the official `facfg_forward` computes it: both predictions split into high and low bands
+    (`freq_decompose`), each band combined at its own weight."""
+    def decompose(x):
+        low = torch.nn.functional.interpolate(torch.nn.functional.interpolate(x, size=low_size, mode="bilinear"),
+                                              size=x.shape[-2:], mode="bilinear")
+        return [x - low, low]
+
+    def step(s, uncond):
+        return sum(u + w * (c - u) for u, c, w in zip(decompose(uncond), decompose(s.cond), (FRECAS_CFG_HIGH, CFG)))
+    return step
+
+
+def frecas_reference(names, steps, fa=True):
+    """The float64 result of each call of a FreCaS run with the patches `names`: per stage (a run of its own, so
+    APG's momentum starts afresh) the pre-CFG patches, then CFG (stage 1; every stage unless `fa`) or FA-CFG, then
+    the post-CFG patches."""
+    out, start = [], 0
+    for stage, n in enumerate(FRECAS_STEPS):
+        stage_steps = steps[start:start + n]
+        start += n
+        unconds = [s.uncond for s in stage_steps]
+        for name in names:
+            if PATCHES[name].pre is not None:
+                unconds = PATCHES[name].pre(stage_steps, unconds)
+        cfg = cfg_step if stage == 0 or not fa else fa_cfg_step(FRECAS_SIZES[stage - 1])
+        for step, uncond in zip(stage_steps, unconds):
+            guided = cfg(step, uncond)
+            for name in names:
+                if PATCHES[name].post is not None:
+                    guided = PATCHES[name].post(step, uncond, guided)
+            out.append(guided)
+    return out
+
+
+@pytest.mark.parametrize("patch", [*PATCHES, AGD])
+def test_patch_under_frecas_composes_or_refuses_naming_both(comfy, patch):
+    """APG, PAG, CFGNorm and CFGZeroStar act in every FreCaS stage: each call's guided prediction is the float64
+    reference (FA-CFG in the later stages, on APG's update where APG is there), and differs from FreCaS alone and
+    from the patch alone (CFG in every stage). Every other node is refused before anything runs, naming both."""
+    model = slim_model("sd15", "eps")
+    if patch not in COMPOSES_WITH_FRECAS:
+        spy = StepSpy(None)
+        with pytest.raises(ValueError) as refusal:
+            frecas_sample(spy.around(model, lambda m: apply_by_name(comfy, m, patch)))
+        assert SHOWN_NAMES[patch] in str(refusal.value) and FRECAS in str(refusal.value)
+        assert spy.raw == []
+        return
+    spy = StepSpy(PAG_REFERENCES["sd15"])
+    frecas_sample(spy.around(model, lambda m: PATCHES[patch].apply(comfy, m)))
+    steps = recorded_steps(spy)
+    assert len(steps) == sum(FRECAS_STEPS) and steps[0].x.shape[0] == 2
+    assert [s.x.shape[-2:] for s in steps] == [torch.Size(size) for size, n in zip(FRECAS_SIZES, FRECAS_STEPS)
+                                               for _ in range(n)]
+    for got, want in zip(spy.guided, frecas_reference([patch], steps)):
+        assert rel_err(got, want) < 1e-5
+    if patch == "APG":  # the form of the brief: D_c + (w_l − 1) low(G) + (w_h − 1) high(G), G = D_c − D_u'
+        stage_two = steps[FRECAS_STEPS[0]:]
+        for step, uncond, got in zip(stage_two, apg_pre(stage_two, [s.uncond for s in stage_two]),
+                                     spy.guided[FRECAS_STEPS[0]:]):
+            update = step.cond - uncond
+            low = fa_cfg_step(FRECAS_SIZES[0])(dataclasses.replace(step, cond=update), torch.zeros_like(update))
+            low = (low - FRECAS_CFG_HIGH * update) / (CFG - FRECAS_CFG_HIGH)  # the low band of G
+            want = step.cond + (CFG - 1) * low + (FRECAS_CFG_HIGH - 1) * (update - low)
+            assert rel_err(got, want) < 1e-5
+    alone_frecas = frecas_reference([], steps)
+    alone_patch = frecas_reference([patch], steps, fa=False)
+    for alone in (alone_frecas, alone_patch):
+        assert max(rel_err(got, want) for got, want in zip(spy.guided, alone)) > 1e-3
+
+
 def composition_table() -> str:
     """The README's table: for each ordered pair (row first, then column), whether it composes or is refused."""
     rows = [*PATCHES, AGD]
-    columns = [*rows, CFGPP]
+    columns = [*rows, CFGPP, FRECAS]
     lines = ["| first ↓ then → | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
     for first in rows:
         cells = []
         for second in columns:
             if second == CFGPP:
                 cells.append("composes" if first in CARRIED_BY_CFGPP else "refused")
+            elif second == FRECAS:
+                cells.append("composes" if first in COMPOSES_WITH_FRECAS else "refused")
             elif AGD in (first, second):
                 cells.append("composes" if (first, second) in AGD_COMPOSED else "refused")
             else:

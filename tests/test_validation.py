@@ -216,3 +216,54 @@ def test_every_input_and_output_has_a_tooltip(node):
     assert schema.description
     for port in [*schema.inputs, *schema.outputs]:
         assert port.tooltip and len(port.tooltip) > 10, f"{schema.node_id}: {port.id or port.display_name}"
+
+
+# FreCaS Sampler: a sampler node whose plan comes as two strings -----------------------------------------------------
+
+FRECAS, FRECAS_NAME = "GuidanceFreCaSSampler", "FreCaS Sampler"
+FRECAS_INPUTS = {"scale_by": 2.0, "seed": 0, "steps": "2, 2", "stage_ends": "300, 0", "gamma": 3.0, "cfg": 3.0,
+                 "cfg_high": 9.0, "attention_fusion": 0.6, "sampler_name": "ddim"}
+FRECAS_BAD_VALUES = [
+    ({"steps": "2, two"}, "steps must be whole numbers separated by commas, like '40, 10'; got '2, two'"),
+    ({"steps": "2.5, 2"}, "steps must be whole numbers"),
+    ({"stage_ends": ""}, "stage_ends is empty"),
+    ({"steps": "2, 2, 2"}, "steps gives 3 stages and stage_ends 2"),
+    ({"steps": "4", "stage_ends": "0"}, "at least two stages"),
+    ({"stage_ends": "300, 100"}, "the last stage must end at timestep 0"),
+    ({"steps": "2, 0"}, "every stage needs at least one step"),
+    ({"stage_ends": "100, 300, 0", "steps": "2, 2, 2"}, "stage_ends must not rise from stage to stage"),
+    ({"gamma": NAN}, "gamma is nan"),
+    ({"cfg_high": INF}, "cfg_high is inf"),
+    ({"attention_fusion": NAN}, "attention_fusion is nan"),
+    ({"attention_fusion": 1.5}, "attention_fusion is 1.5: enter a number between 0 and 1"),
+    ({"scale_by": NAN}, "scale_by is nan"),
+    ({"sampler_name": "no_such_sampler"}, "sampler_name is 'no_such_sampler'"),
+]
+
+
+def frecas_prompt(changes):
+    """Reference model → FreCaS Sampler (node 4) → VAE Decode → Save Image, in API format."""
+    prompt = reference_prompt(APG, APG_INPUTS)
+    del prompt["5"]
+    prompt["4"] = {"class_type": FRECAS, "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1],
+                                                     "latent_image": ["3", 0], **FRECAS_INPUTS, **changes}}
+    prompt["6"]["inputs"]["samples"] = ["4", 0]
+    return prompt
+
+
+@pytest.mark.parametrize("changes,message", FRECAS_BAD_VALUES,
+                         ids=["-".join(f"{k}={v}" for k, v in c.items()) for c, _ in FRECAS_BAD_VALUES])
+def test_frecas_bad_value_is_refused_at_queue_time(comfy_server, changes, message):
+    status, body = comfy_server.request("/prompt", {"prompt": frecas_prompt(changes)})
+    assert status == 400, body[:500]
+    errors = json.loads(body)["node_errors"]["4"]["errors"]
+    details = {e["details"] for e in errors}
+    assert all(f"{FRECAS_NAME}: " in d and message in d for d in details), details
+    assert set(changes) <= {e["extra_info"]["input_name"] for e in errors}
+
+
+def test_frecas_good_values_run(comfy_server):
+    """The same prompt with good values runs (and the official SD2.1 2048 plan's equal stage ends pass)."""
+    for changes in ({}, {"steps": "2, 1, 1", "stage_ends": "300, 300, 0", "attention_fusion": 0.0}):
+        entry = comfy_server.run_prompt(frecas_prompt(changes))
+        assert entry["status"]["status_str"] == "success", entry["status"]
