@@ -88,3 +88,47 @@ def overshoot(images: torch.Tensor) -> float:
     """Mean of max(|x| − 1, 0) over all pixel values: how far past [-1, 1] the sample goes, on average, in model
     units. Unlike the out-of-range fraction it is not filled up by the faint jitter of backgrounds that sit at −1."""
     return float((images.double().abs() - 1).clamp(min=0).mean())
+
+
+def foreground_components(images: torch.Tensor, threshold: float = 0.1, min_area: int = 8) -> torch.Tensor:
+    """Number of foreground objects in each image: 8-connected components of the pixels whose grey value (the channel
+    mean of the clamped image, in [0, 1]) is above `threshold`, counting only components of at least `min_area`
+    pixels. [N, 3, H, W] in [-1, 1] → [N] (int64).
+
+    A Fashion-MNIST image holds one garment on a black background, so a count above 1 marks an image with repeated or
+    broken-up objects (what direct sampling above the training size is known for), 0 an empty one. At 32² with the
+    defaults, 2.4 % of the real test split count more than one (mostly sneakers and sandals, whose soles and straps
+    separate) and none count zero; a higher threshold splits dark garments into pieces.
+
+    Labels spread by 3×3 max-pooling within the foreground until nothing changes (each component ends up labelled
+    with its largest pixel index), in plain torch."""
+    grey = to_unit_rgb(images).mean(dim=1)  # [N, H, W]
+    n, h, w = grey.shape
+    foreground = grey > threshold
+    # float32 holds every pixel index exactly up to 2^24 pixels per image
+    index = torch.arange(1, h * w + 1, dtype=torch.float32, device=grey.device).view(1, h, w).expand(n, h, w)
+    zero = torch.zeros((), dtype=torch.float32, device=grey.device)
+    labels = torch.where(foreground, index, zero)[:, None]
+    mask = foreground[:, None]
+    active = torch.arange(n, device=grey.device)  # images whose labels still change
+    while len(active):
+        part, part_mask = labels[active], mask[active]
+        previous = part
+        for _ in range(8):  # converged labels stay put, so checking every 8 rounds changes nothing
+            part = torch.where(part_mask, torch.nn.functional.max_pool2d(part, 3, stride=1, padding=1), zero)
+        labels[active] = part
+        active = active[(part != previous).flatten(1).any(dim=1)]
+    labels = labels[:, 0]
+    labels = labels.long().view(n, -1)
+    offset = torch.arange(n, device=labels.device).view(n, 1) * (h * w + 1)
+    sizes = torch.bincount((labels + offset).flatten(), minlength=n * (h * w + 1)).view(n, h * w + 1)
+    sizes[:, 0] = 0  # the background
+    return (sizes >= min_area).sum(dim=1).cpu()
+
+
+def object_counts(images: torch.Tensor, threshold: float = 0.1, min_area: int = 8) -> dict:
+    """Summary of `foreground_components`: the mean count, the fraction of images with more than one object (repeated
+    or broken objects) and with none (empty images)."""
+    counts = foreground_components(images, threshold, min_area).double()
+    return {"components_mean": float(counts.mean()), "multi_object_fraction": float((counts > 1).double().mean()),
+            "empty_fraction": float((counts == 0).double().mean())}

@@ -225,14 +225,18 @@ def upsample_latent(latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(latent, size=tuple(size), mode="nearest")
 
 
+def check_vae_latent(latent: torch.Tensor) -> None:
+    if latent.ndim != 4:
+        raise ValueError(f"{DISPLAY_NAME}: stage transitions through the VAE take image latents; this one has shape "
+                         f"{tuple(latent.shape)}. Disconnect the VAE to upsample in the latent.")
+
+
 def transition(latent: torch.Tensor, size: tuple[int, int], vae=None) -> torch.Tensor:
     """A stage's clean estimate (a LATENT's samples) carried to the next stage's latent size: with a VAE as the
     official code does (decode, clip, nearest-neighbour upsampling of the pixels, encode), else in the latent."""
     if vae is None:
         return upsample_latent(latent, size)
-    if latent.ndim != 4:
-        raise ValueError(f"{DISPLAY_NAME}: stage transitions through the VAE take image latents; this one has shape "
-                         f"{tuple(latent.shape)}. Disconnect the VAE to upsample in the latent.")
+    check_vae_latent(latent)
     images = vae.decode(latent)  # [B, H, W, C] in [0, 1]: ComfyUI clamps, as the official code clips to [−1, 1]
     if images.ndim == 5:  # VAEs that decode a batch of frames give [B, T, H, W, C]
         images = images.reshape(-1, *images.shape[-3:])
@@ -277,9 +281,8 @@ def sample_frecas(model, positive, negative, latent: dict, seed: int, settings: 
     model_sampling = model.get_model_object("model_sampling")
     check_schedule(model_sampling)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    if vae is not None and samples.ndim != 4:  # refused before the first stage runs, not after it
-        raise ValueError(f"{DISPLAY_NAME}: stage transitions through the VAE take image latents; this one has shape "
-                         f"{tuple(samples.shape)}. Disconnect the VAE to upsample in the latent.")
+    if vae is not None:  # refused before the first stage runs, not after it
+        check_vae_latent(samples)
     try:
         check_plan(settings.steps, settings.ends)
         sizes = stage_sizes(tuple(samples.shape[-2:]), tuple(target), len(settings.steps))
