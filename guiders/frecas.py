@@ -217,6 +217,8 @@ class CrossAttentionMaps:
     def __init__(self):
         self._collected: dict[object, dict[tuple[int, int], list]] = {}
         self._fused: dict[object, tuple[torch.Tensor, tuple[int, int]]] = {}
+        # Every cross-attention of a resolution reads the same resized maps at every step of the stage: made once.
+        self._batches: dict[tuple, torch.Tensor] = {}
 
     @property
     def ready(self) -> bool:
@@ -237,7 +239,7 @@ class CrossAttentionMaps:
             largest = max(sums, key=lambda g: g[0] * g[1])
             maps = [resize_map(total / count, grid, largest) for grid, (total, count) in sums.items()]
             fused[key] = (torch.stack(maps).mean(dim=0), largest)
-        self._fused, self._collected = fused, {}
+        self._fused, self._collected, self._batches = fused, {}, {}
 
     def fused_at(self, key, grid: tuple[int, int]) -> torch.Tensor | None:
         if key not in self._fused:
@@ -245,11 +247,23 @@ class CrossAttentionMaps:
         probs, own = self._fused[key]
         return resize_map(probs, own, grid)
 
+    def batch_at(self, keys: list, grid: tuple[int, int], rows: int, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor | None:
+        """The fused maps of the chunks `keys` (`rows` images each) at `grid`, stacked as one batch [B, N_q, N_k] in
+        `dtype` on `device`; None when a chunk has no fused maps of that many images."""
+        index = (tuple(keys), tuple(grid), rows, dtype, device)
+        if index not in self._batches:
+            parts = [self.fused_at(key, grid) for key in keys]
+            if not all(p is not None and p.shape[0] == rows for p in parts):
+                return None
+            self._batches[index] = torch.cat(parts).to(device=device, dtype=dtype)
+        return self._batches[index]
+
 
 def fuse_attention(out: torch.Tensor, fused_map: torch.Tensor, value: torch.Tensor, weight: float) -> torch.Tensor:
     """(1 − w_c)·out + w_c·M̄V: out [B, N_q, C] the layer's attention output, fused_map [B, N_q, N_k] (one map for
     every head), value [B, N_k, C]."""
-    guided = torch.bmm(fused_map.to(value.dtype), value)
+    guided = torch.bmm(fused_map.to(device=value.device, dtype=value.dtype), value)
     return torch.lerp(out, guided, weight)
 
 

@@ -166,9 +166,9 @@ class AttentionFusion:
             for i, key in enumerate(chunks):
                 self.maps.collect(key, probs[i * rows:(i + 1) * rows], grid)
         if self.weight > 0 and self.maps.ready:
-            parts = [self.maps.fused_at(key, grid) for key in chunks]
-            if all(p is not None and p.shape[0] == rows for p in parts):
-                out = fuse_attention(out, torch.cat(parts).to(out.device), v, self.weight)
+            fused = self.maps.batch_at(chunks, grid, rows, v.dtype, v.device)
+            if fused is not None:
+                out = fuse_attention(out, fused, v, self.weight)
         return out
 
 
