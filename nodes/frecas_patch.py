@@ -151,6 +151,16 @@ class AttentionFusion:
 
     def __init__(self, maps: CrossAttentionMaps, weight: float, collect_sigma: float | None):
         self.maps, self.weight, self.collect_sigma = maps, weight, collect_sigma
+        self._step = (None, False)  # (the model call's sigma tensor, whether that call collects)
+
+    def collects(self, sigmas: torch.Tensor) -> bool:
+        """Whether this model call is the stage's last step. Every layer of a call gets the same sigma tensor, so it
+        is read (a device sync) once per call, not at each of the UNet's cross-attentions."""
+        if self.collect_sigma is None:
+            return False
+        if self._step[0] is not sigmas:
+            self._step = (sigmas, math.isclose(float(sigmas.max()), self.collect_sigma, rel_tol=1e-5))
+        return self._step[1]
 
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules.attention import optimized_attention
@@ -160,8 +170,7 @@ class AttentionFusion:
         grid = tuple(extra_options["activations_shape"][-2:])
         chunks = chunk_keys(extra_options.get("cond_or_uncond", [0]))
         rows = q.shape[0] // len(chunks)
-        sigma = float(extra_options["sigmas"].max())
-        if self.collect_sigma is not None and math.isclose(sigma, self.collect_sigma, rel_tol=1e-5):
+        if self.collects(extra_options["sigmas"]):
             probs = attention_probabilities(q, k, heads)
             for i, key in enumerate(chunks):
                 self.maps.collect(key, probs[i * rows:(i + 1) * rows], grid)
