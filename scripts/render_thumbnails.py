@@ -26,6 +26,9 @@ WORKFLOWS = REPO / "workflows"
 THUMBNAIL_SIZE = 256
 MAX_COLUMNS = 5
 BACKGROUND = (24, 24, 24)
+# The longest a workflow may run: on a 2-core CPU the reference model's FreCaS workflow as shipped (30 steps of CFG at
+# 128x128 beside the FreCaS runs) takes over half an hour.
+RUN_TIMEOUT_S = 3 * 3600
 
 
 def write_fixture_checkpoints(comfyui: pathlib.Path, models: pathlib.Path):
@@ -43,14 +46,16 @@ def write_fixture_checkpoints(comfyui: pathlib.Path, models: pathlib.Path):
 
 def thumbnail(rows: list[list[Image.Image]]) -> Image.Image:
     """The rows' first MAX_COLUMNS images tiled, scaled to fill the square's width or height and centred on it
-    (pixel-sharp: scaled up by a whole factor, then down)."""
+    (pixel-sharp: scaled up by a whole factor, then down). Images of different sizes (FreCaS's stages) keep their
+    relative size, each centred in a cell of the largest size."""
     rows = [row[:MAX_COLUMNS] for row in rows]
-    w, h = rows[0][0].size
+    w = max(image.width for row in rows for image in row)
+    h = max(image.height for row in rows for image in row)
     columns = max(len(row) for row in rows)
     sheet = Image.new("RGB", (w * columns, h * len(rows)), BACKGROUND)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
-            sheet.paste(image, (c * w, r * h))
+            sheet.paste(image, (c * w + (w - image.width) // 2, r * h + (h - image.height) // 2))
     zoom = -(-THUMBNAIL_SIZE // max(sheet.size))
     sheet = sheet.resize((sheet.width * zoom, sheet.height * zoom), Image.NEAREST)
     sheet.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.LANCZOS)
@@ -83,7 +88,7 @@ def main():
                 prompt = json.loads(api.read_text())
                 if any(n["class_type"] == "CheckpointLoaderSimple" for n in prompt.values()):
                     prompt = shrunk(prompt)
-                entry = server.run_prompt(prompt, timeout_s=1800)
+                entry = server.run_prompt(prompt, timeout_s=RUN_TIMEOUT_S)
                 if entry["status"].get("status_str") != "success":
                     sys.exit(f"{api.name} failed: {json.dumps(entry['status'])[:2000]}")
                 saved = sorted((int(node), output) for node, output in entry["outputs"].items()

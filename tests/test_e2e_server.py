@@ -19,7 +19,8 @@ API_DIR = WORKFLOWS / "api"
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 API_WORKFLOWS = sorted(API_DIR.glob("*.json"))
 APG = "AdaptiveProjectedGuidance"
-# CPU budget: the shipped graphs run at most at this size and step count; everything else stays as shipped.
+# CPU budget: the shipped graphs run at most at this size and step count; everything else stays as shipped (FreCaS
+# Sampler's scale_by too: its images are that many times larger).
 TEST_SIZE = 64
 TEST_STEPS = 3
 # Train AGD Adapters at CPU cost: one CFG run of the ten classes and two optimizer steps (tests/test_agd.py checks what
@@ -34,6 +35,12 @@ ALIKE_AT_TEST_SIZE = {("PAG and PAG + APG vs CFG (SDXL)/cfg", "PAG and PAG + APG
                       # checks the switch itself)
                       ("AG vs CFG (SD1.5)/ag", "AG vs CFG (SD1.5)/cfg"),
                       ("AG vs CFG (SDXL)/ag", "AG vs CFG (SDXL)/cfg")}
+# FreCaS Sampler at CPU cost: its stages kept, with this many steps each (its first stage's latent is capped like
+# every empty latent; its scale_by stays).
+FRECAS = "GuidanceFreCaSSampler"
+FRECAS_STEPS_AT_TEST_SIZE = (2, 1)
+# Pixels per latent element of each empty-latent node, for the size of what FreCaS makes from it (in latent units).
+LATENT_FACTORS = {"EmptyLatentImage": 8, "EmptySD3LatentImage": 8, "GuidanceEmptyReferenceLatent": 1}
 # Image pairs that differ by design by less than the usual bound, with the least mean difference that shows the
 # second node acted: LinearAG's estimates are within 0.3% of the unconditional pass they replace on the reference
 # model (bench/results/adaptive_bench.md), so its images differ from AG's by about half a grey level.
@@ -49,16 +56,21 @@ def nodes_of(prompt, class_type):
 
 
 def shrunk(prompt):
-    """The shipped graph at CPU cost, the only change the tests make to it: every `steps` input at TEST_STEPS and
-    every empty latent no larger than TEST_SIZE (a family's native size below it, e.g. 32 px, is kept), and Train AGD
-    Adapters at AGD_TRAINING_AT_TEST_SIZE. A graph with LinearAG keeps its step count: its coefficients belong to one
-    (and LinearAG refuses another)."""
+    """The shipped graph at CPU cost, the only change the tests make to it: every `steps` input at TEST_STEPS (a FreCaS
+    Sampler's steps per stage at FRECAS_STEPS_AT_TEST_SIZE, the last repeated for further stages) and every empty
+    latent no larger than TEST_SIZE (a family's native size below it, e.g. 32 px, is kept), and Train AGD Adapters at
+    AGD_TRAINING_AT_TEST_SIZE. A graph with LinearAG keeps its step count: its coefficients belong to one (and
+    LinearAG refuses another)."""
     prompt = copy.deepcopy(prompt)
     fixed_steps = any(node["class_type"] == "GuidanceLinearAG" for node in prompt.values())
     for node in prompt.values():
         inputs = node["inputs"]
         if isinstance(inputs.get("steps"), int) and not fixed_steps:
             inputs["steps"] = TEST_STEPS
+        if node["class_type"] == FRECAS and isinstance(inputs.get("steps"), str):
+            stages = len(inputs["steps"].replace(",", " ").split())
+            caps = FRECAS_STEPS_AT_TEST_SIZE + FRECAS_STEPS_AT_TEST_SIZE[-1:] * stages
+            inputs["steps"] = ", ".join(str(n) for n in caps[:stages])
         if node["class_type"] == "GuidanceAGDTrain":
             inputs.update(AGD_TRAINING_AT_TEST_SIZE)
         if node["class_type"].startswith("Empty"):
@@ -68,11 +80,23 @@ def shrunk(prompt):
     return prompt
 
 
-def image_size(prompt):
-    """(height, width) of the graph's images: those of its one latent node with width and height widgets (a saliency
-    markers node has its own, which `shrunk` leaves as shipped)."""
-    [size] = {(n["inputs"]["height"], n["inputs"]["width"]) for n in prompt.values() if "Latent" in n["class_type"]
-              and isinstance(n["inputs"].get("width"), int) and isinstance(n["inputs"].get("height"), int)}
+def image_size(prompt, save_id):
+    """(height, width) of the images of Save Image node `save_id`: those of the latent node with width and height
+    widgets that its image comes from (through decoders, samplers and encoders; a saliency markers node has its own
+    width and height, which `shrunk` leaves as shipped), times the scale_by of each FreCaS Sampler on the way, which
+    scales the latent's side in latent units."""
+    node, scales = prompt[save_id], []
+    while not (isinstance(node["inputs"].get("width"), int) and isinstance(node["inputs"].get("height"), int)):
+        if node["class_type"] == FRECAS:
+            scales.append(node["inputs"]["scale_by"])
+        [source] = [value[0] for name, value in node["inputs"].items()
+                    if name in ("images", "samples", "pixels", "latent_image", "inverted") and isinstance(value, list)]
+        node = prompt[source]
+    assert "Latent" in node["class_type"], node["class_type"]
+    size = (node["inputs"]["height"], node["inputs"]["width"])
+    factor = LATENT_FACTORS[node["class_type"]]
+    for scale_by in scales:
+        size = tuple(round(side // factor * scale_by) * factor for side in size)
     return size
 
 
@@ -118,11 +142,14 @@ def test_shipped_workflow_runs(comfy_server, path):
     assert all(saved), trained
     images = saved_images(comfy_server, entry)
     assert sorted(images) == sorted(n["inputs"]["filename_prefix"] for n in nodes_of(prompt, "SaveImage").values())
+    saves = {n["inputs"]["filename_prefix"]: i for i, n in nodes_of(prompt, "SaveImage").items()}
     for prefix, batch in images.items():
-        assert batch.shape[1:] == (*image_size(prompt), 3), prefix
+        assert batch.shape[1:] == (*image_size(prompt, saves[prefix]), 3), prefix
         assert np.isfinite(batch).all() and batch.std(axis=(1, 2, 3)).min() > 0.01, prefix
     for first, second in itertools.combinations(sorted(images), 2):
         if (first, second) in ALIKE_AT_TEST_SIZE:
+            continue
+        if images[first].shape != images[second].shape:  # FreCaS's sizes, each checked above: different by design
             continue
         least = NEAR.get((first, second), 0.005)
         assert np.abs(images[first] - images[second]).mean() > least, f"{first} and {second} look the same"

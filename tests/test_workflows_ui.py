@@ -1,6 +1,7 @@
 """The shipped UI workflows load in the ComfyUI frontend: a consistent LiteGraph graph whose every node and widget
-value the running server accepts, equal to the shipped API workflow, with real-world settings for a CFG-vs-APG
-comparison. Widget values are checked against the server's /object_info, in the order the frontend assigns them."""
+value the running server accepts, equal to the shipped API workflow, with real-world settings for the CFG-vs-APG
+and FreCaS-vs-CFG comparisons. Widget values are checked against the server's /object_info, in the order the frontend
+assigns them."""
 
 import re
 
@@ -20,6 +21,18 @@ APG_COMPARISONS = {
     "APG vs CFG (SD1.5)": ("v1-5-pruned-emaonly.safetensors", 512, 7.0),
     "APG vs CFG (SDXL)": ("sd_xl_base_1.0.safetensors", 1024, 15.0),
 }
+# The FreCaS-vs-CFG comparisons: checkpoint (None: the reference model's loader), first-stage size, the FreCaS
+# settings (steps, stage_ends, gamma, cfg, cfg_high, attention_fusion, sampler) and the two scale_by values; the plain
+# KSampler runs directly at the larger one's size with the same cfg, sampler and total step count.
+FRECAS = "GuidanceFreCaSSampler"
+FRECAS_COMPARISONS = {
+    "FreCaS vs CFG (SD1.5)": ("v1-5-pruned-emaonly.safetensors", 512,
+                              ("40, 10", "100, 0", 3.0, 7.5, 45.0, 0.6, "ddim"), (1.41, 2.0)),
+    "FreCaS vs CFG (SDXL)": ("sd_xl_base_1.0.safetensors", 1024,
+                             ("40, 10", "200, 0", 1.5, 7.5, 35.0, 0.6, "ddim"), (1.41, 2.0)),
+    "FreCaS vs CFG (reference model)": (None, 32, ("20, 10", "100, 0", 1.0, 4.0, 4.0, 0.9, "euler"), (2.0, 4.0)),
+}
+FRECAS_SETTINGS = ("steps", "stage_ends", "gamma", "cfg", "cfg_high", "attention_fusion", "sampler_name")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +43,7 @@ def object_info(comfy_server):
 def test_every_ui_workflow_has_an_api_twin():
     """The UI and API folders hold the same workflows, by file name."""
     assert [p.name for p in UI_WORKFLOWS] == [p.name for p in API_WORKFLOWS]
-    assert set(APG_COMPARISONS) <= {p.stem for p in UI_WORKFLOWS}
+    assert set(APG_COMPARISONS) | set(FRECAS_COMPARISONS) <= {p.stem for p in UI_WORKFLOWS}
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
@@ -191,3 +204,41 @@ def test_apg_comparison_settings(name):
     assert prefixes == [f"{name}/apg", f"{name}/cfg"]
     # A seed that changes after each run would compare different noise from the second run on.
     assert {n["widgets_values"][1] for n in graph["nodes"] if n["type"] == "KSampler"} == {"fixed"}
+
+
+@pytest.mark.parametrize("name", sorted(FRECAS_COMPARISONS))
+def test_frecas_comparison_settings(name):
+    """FreCaS at two final sizes from the model's training size, with the family's settings and the VAE carrying each
+    stage to the next, against plain CFG directly at the larger size: same model, prompts, seed, cfg, sampler and
+    total steps."""
+    ckpt, size, settings, scales = FRECAS_COMPARISONS[name]
+    graph = load(WORKFLOWS / f"{name}.json")
+    prompt = load(API_DIR / f"{name}.json")
+    loaders = [i for i, n in prompt.items() if n["class_type"] in ("CheckpointLoaderSimple",
+                                                                     "GuidanceReferenceModelLoader")]
+    assert len(loaders) == 1
+    loader = loaders[0]
+    if ckpt:
+        assert prompt[loader]["inputs"]["ckpt_name"] == ckpt
+    vae_slot = 2 if ckpt else 1
+    frecas = sorted((n["inputs"] for n in prompt.values() if n["class_type"] == FRECAS), key=lambda n: n["scale_by"])
+    assert [n["scale_by"] for n in frecas] == list(scales)
+    [direct] = [n["inputs"] for n in prompt.values() if n["class_type"] == "KSampler"]
+    for node in frecas:
+        assert tuple(node[k] for k in FRECAS_SETTINGS) == settings
+        assert node["vae"] == [loader, vae_slot] and "mask" not in node
+        first = prompt[node["latent_image"][0]]["inputs"]
+        assert (first["width"], first["height"]) == (size, size)
+        assert node["seed"] == direct["seed"]
+        assert {k: node[k] for k in ("model", "positive", "negative")} == {k: direct[k] for k in ("model", "positive",
+                                                                                                  "negative")}
+    latent = prompt[direct["latent_image"][0]]["inputs"]
+    assert (latent["width"], latent["height"]) == (round(size * scales[-1]),) * 2
+    assert direct["cfg"] == settings[3] and direct["sampler_name"] == settings[6] and direct["denoise"] == 1.0
+    assert direct["steps"] == sum(int(n) for n in settings[0].split(","))
+    areas = [f"{round(scale * scale)}x" for scale in scales]
+    prefixes = sorted(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "SaveImage")
+    assert prefixes == sorted([f"{name}/cfg_direct"] + [f"{name}/frecas_{area}_area" for area in areas])
+    # A seed that changes after each run would compare different noise from the second run on.
+    assert {n["widgets_values"][1] for n in graph["nodes"] if n["type"] == "KSampler"} == {"fixed"}
+    assert {n["widgets_values"][2] for n in graph["nodes"] if n["type"] == FRECAS} == {"fixed"}
