@@ -73,7 +73,7 @@ def shrunk(prompt):
             inputs["steps"] = ", ".join(str(n) for n in caps[:stages])
         if node["class_type"] == "GuidanceAGDTrain":
             inputs.update(AGD_TRAINING_AT_TEST_SIZE)
-        if node["class_type"].startswith("Empty"):
+        if node["class_type"].startswith("Empty") or node["class_type"] == "GuidanceEmptyReferenceLatent":
             for side in ("width", "height"):
                 if isinstance(inputs.get(side), int):
                     inputs[side] = min(inputs[side], TEST_SIZE)
