@@ -24,10 +24,17 @@ def _as_images(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def _from_images(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of `_as_images` for images of x's own spatial size (which may differ from the original's)."""
     if len(shape) == 4:
         return x
-    b, c, t, h, w = shape
-    return x.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+    b, c, t = shape[:3]
+    return x.reshape(b, t, c, *x.shape[-2:]).permute(0, 2, 1, 3, 4)
+
+
+def resize_spatial(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """x (4-D or 5-D) resampled to the spatial `size`, each frame on its own."""
+    images, shape = _as_images(x)
+    return _from_images(F.interpolate(images, size=tuple(size), mode=mode), shape)
 
 
 def low_pass(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:

@@ -31,6 +31,7 @@ import comfy.utils
 from ..guiders.frecas import (CrossAttentionMaps, Stage, attention_probabilities, check_plan, check_weights, fa_cfg,
                               fuse_attention, plan_stages, stage_sizes)
 from ..guiders.saliency import latent_weights
+from ..kernels.frequency import resize_spatial
 from .agd_patch import attachment_points
 from .cfgpp_patch import patch_owner
 
@@ -226,12 +227,7 @@ def stage_model(model, index: int, stages: list[Stage], settings: FreCaSSettings
 
 def upsample_latent(latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour upsampling of the spatial dimensions (4-D and 5-D latents)."""
-    if latent.ndim == 5:
-        b, c, t, h, w = latent.shape
-        frames = latent.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        up = F.interpolate(frames, size=tuple(size), mode="nearest")
-        return up.reshape(b, t, c, *size).permute(0, 2, 1, 3, 4)
-    return F.interpolate(latent, size=tuple(size), mode="nearest")
+    return resize_spatial(latent, size, "nearest")
 
 
 def check_vae_latent(latent: torch.Tensor) -> None:
