@@ -13,6 +13,7 @@ from .clip_classifier import CLIPVisionZeroShotClassifier
 from .elucd import EluCDClassifierGuidance
 from .frecas import FreCaSSampler
 from .pag import PerturbedAttentionGuidance
+from .ppap import PPAPClassifierGuidance, PPAPLoadExperts, PPAPTrainExperts
 from .reference import EmptyReferenceLatent, ReferenceClassConditioning, ReferenceModelLoader
 from .saliency import SaliencyMapFromMarkers, SaliencyMarkersFromPoints
 
@@ -24,4 +25,4 @@ class GuidanceExtension(ComfyExtension):
                 PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion,
                 AdaptiveGuidance, LinearAG, FitLinearAG, ReferenceClassifierLoader, CLIPVisionZeroShotClassifier,
                 ClassifierTargetClasses, EluCDClassifierGuidance, SaliencyMarkersFromPoints, SaliencyMapFromMarkers,
-                AGDApply, AGDTrain, FreCaSSampler]
+                AGDApply, AGDTrain, FreCaSSampler, PPAPTrainExperts, PPAPLoadExperts, PPAPClassifierGuidance]
