@@ -104,7 +104,7 @@ def refused_patches(model_options: dict):
     for hook in model_options.get("sampler_post_cfg_function", []):
         owner = getattr(hook, "__self__", hook)
         if getattr(owner, "guides_denoised", False):
-            yield (owner.node_name, "reads the denoised image with a classifier at the size it was trained for, and "
+            yield (owner.node_name, "reads the image with a classifier at the size it was trained for, and "
                    "FreCaS's later stages are larger")
     replaced = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     if replaced:
