@@ -266,7 +266,7 @@ def apply_ppap(model, experts: PPAPExperts, targets: ClassifierTargets, scale: f
 class TransferSettings:
     """The transfer set: the model's own samples (the official: 500,000 from the unconditional ADM, 25 DDIM steps)."""
 
-    images: int = 2048
+    images: int = 20000  # the shipped reference experts' (bench/ppap_bench.py)
     batch: int = 256  # images per sampling run (and per file on disk)
     sample_steps: int = 25
     sampler: str = "ddim"

@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--transfer-images", type=int, default=20000)
     p.add_argument("--transfer-batch", type=int, default=1000)
     p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1, help="seed of the transfer samples, noise, LoRA and batches (1: "
+                   "the shipped experts'; the bench samples its evaluation images from seed 0)")
     p.add_argument("--work", default=None, help="folder for transfer samples and checkpoints (default: OUT.training)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU")
     p.add_argument("--out", required=True, help="the expert file to write (.safetensors)")
