@@ -36,11 +36,14 @@ the same guided prediction for every sampler; for DDIM on an eps model it is exa
 Training follows the official script: AdamW (lr 1e-4, weight decay 0.05), the learning rate annealed linearly to 0
 over each expert's steps (`--anneal_lr True`), the total step budget split evenly over the experts, trained one
 after another on one set of adapters (the script never resets them, so expert i starts from expert i − 1: the
-low-noise expert first), random horizontal flips of the transfer images. Two departures, both stated where they act:
+low-noise expert first), random horizontal flips of the transfer images. The departures, each stated where it acts:
+where LoRA goes (the official ResNet wrapper adapts the stem and the first two convolutions of each bottleneck; here
+every convolution and linear layer but the head, `add_adapters`, so that any backbone can be adapted);
 the expert reads the noisy input through the same affine map that takes a clean sample to the classifier's input
 (the official student reads x_t unnormalised while the teacher reads normalised x₀; with the map, the expert of
-the lowest noise starts as the teacher), and its LoRA on linear layers carries the α/r scaling that the official
-`LoRALinear.forward` leaves out (and its merge puts in).
+the lowest noise starts as the teacher); its LoRA on linear layers carries the α/r scaling that the official
+`LoRALinear.forward` leaves out (and its merge puts in); batches are drawn from the transfer set with replacement
+(the official data loader goes through it in epochs).
 
 Plain torch: the backbone, the noising and the data come from the caller.
 """

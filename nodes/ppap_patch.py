@@ -10,8 +10,8 @@ for eps and v models, x itself for flow models), in the classifier's image space
 pixel-space model, through the affine map that ComfyUI's pixel-space VAE applies to a clean sample (without its clamp:
 noisy values leave [0, 1]); for a latent classifier, the latent itself. Noisy latents of a latent-space model are not
 images, so an image classifier cannot be distilled for such a model (refused). The expert of a call is chosen from
-the model's timestep of σ on the official scale of T = 1000 steps (a 1000-step discrete schedule's own timestep; a
-flow model's continuous one, σ = 1 at T); the same scale picks the training noise levels.
+the model's timestep of σ on the official scale of T = 1000 steps (a discrete schedule's own timestep; a flow
+model's, which is linear in σ, with σ_max at T); the same scale picks the training noise levels.
 
 Gradients inside a prompt: as in classifier_patch.py, everything a gradient flows through owns its parameters made
 outside inference mode.
@@ -108,23 +108,22 @@ def input_map(model, classifier: ImageClassifier, vae, node_name: str) -> InputM
     return InputMap("image", scale, offset)
 
 
-def timestep_scale(model_sampling) -> float:
-    """Model timesteps per official timestep: 1 for a 1000-step discrete schedule; a flow model's timesteps run
-    continuously up to its largest (σ = 1), which maps to T."""
-    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
-        return len(model_sampling.sigmas) / TIMESTEPS
-    return float(model_sampling.timestep(model_sampling.sigma_max.reshape(1))) / TIMESTEPS
-
-
 def model_position(model_sampling, sigma: float) -> float:
-    """The timestep of σ on the official T = 1000 scale (clamped to it)."""
-    position = float(model_sampling.timestep(torch.tensor([sigma]))) / timestep_scale(model_sampling)
+    """The timestep of σ on the official T = 1000 scale (clamped to it): a discrete schedule's own timestep (LCM's
+    included, whose timesteps are on the scale of the 1000 it was distilled from); a flow model's timestep is linear
+    in σ, σ_max at T."""
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        position = float(model_sampling.timestep(torch.tensor([sigma]))) * TIMESTEPS / model_sampling.num_timesteps
+    else:
+        position = sigma / float(model_sampling.sigma_max) * TIMESTEPS
     return min(max(position, 0.0), float(TIMESTEPS))
 
 
 def position_sigmas(model_sampling, positions: torch.Tensor) -> torch.Tensor:
-    """σ at timesteps of the T = 1000 scale (the inverse of `model_position`)."""
-    return model_sampling.sigma((positions * timestep_scale(model_sampling)).float()).float()
+    """σ at timesteps of the T = 1000 scale: the inverse of `model_position`."""
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        return model_sampling.sigma((positions * model_sampling.num_timesteps / TIMESTEPS).float()).float()
+    return (positions / TIMESTEPS * float(model_sampling.sigma_max)).float()
 
 
 class PPAPExperts:
@@ -398,7 +397,7 @@ def train_ppap(model, classifier: ImageClassifier, positive, negative, latent: t
                               (lambda done: progress(done, total)) if progress else None)
     made = time.perf_counter()
     key = json.dumps({"transfer": dataclasses.asdict(transfer), "config": dataclasses.asdict(config),
-                      "model": model_fingerprint(model),
+                      "model": model_fingerprint(model), "inputs": inputs_digest(positive, negative, latent[:1]),
                       "backbone": network_sha256(classifier.network)}, sort_keys=True)
     checkpoint, manifest = work / "training.pt", work / "training.json"
     if manifest.exists() and manifest.read_text() != key:
