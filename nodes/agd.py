@@ -11,7 +11,7 @@ from ..guiders.agd import AdapterSpec, save_adapters
 from .agd_patch import (BASE_CHECKS, DISPLAY_NAME, FOLDER, NODE_ID, TRAIN_DISPLAY_NAME, TRAIN_NODE_ID, TrainingSettings,
                         apply_agd, read_adapter_file, train_agd)
 from .reference import WEIGHTS_DIR
-from .validation import check_widgets, filename_rule
+from .validation import check_widgets, filename_rule, prefixed
 
 REFERENCE_ADAPTERS = WEIGHTS_DIR / FOLDER
 
@@ -75,8 +75,7 @@ class AGDApply(io.ComfyNode):
         try:
             return io.NodeOutput(apply_agd(model, read_adapter_file(path), scale, base_check, mask))
         except ValueError as e:
-            message = str(e)
-            raise ValueError(message if message.startswith(NODE_ID) else f"{NODE_ID}: {message}") from e
+            raise prefixed(NODE_ID, e) from e
 
 
 class AGDTrain(io.ComfyNode):
@@ -170,8 +169,7 @@ class AGDTrain(io.ComfyNode):
                                  AdapterSpec(hidden_dim=hidden_dim), work,
                                  lambda done, total: bar.update_absolute(done, total))
         except ValueError as e:
-            message = str(e)
-            raise ValueError(message if message.startswith(TRAIN_NODE_ID) else f"{TRAIN_NODE_ID}: {message}") from e
+            raise prefixed(TRAIN_NODE_ID, e) from e
         path = folder / f"{filename}.safetensors"
         save_adapters(adapters, str(path))
         shutil.rmtree(work, ignore_errors=True)

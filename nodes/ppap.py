@@ -13,7 +13,7 @@ from .classifier_patch import DEFAULT_CHUNK
 from .reference import WEIGHTS_DIR
 from .ppap_patch import (DISPLAY_NAME, FOLDER, LOAD_DISPLAY_NAME, LOAD_NODE_ID, NODE_ID, TRAIN_DISPLAY_NAME,
                          TRAIN_NODE_ID, TransferSettings, apply_ppap, read_experts, train_ppap)
-from .validation import check_widgets, filename_rule
+from .validation import check_widgets, filename_rule, prefixed
 
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 # Experts shipped for the embedded reference model and its classifier (bench/ppap_bench.py trains them), after the
@@ -30,11 +30,6 @@ NODE_LEARNING_RATE = 1e-3
 
 def expert_files() -> list[str]:
     return folder_paths.get_filename_list(FOLDER)
-
-
-def prefixed(node_id: str, e: Exception) -> Exception:
-    message = str(e)
-    return type(e)(message if message.startswith(node_id) else f"{node_id}: {message}")
 
 
 class PPAPTrainExperts(io.ComfyNode):

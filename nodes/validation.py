@@ -65,3 +65,10 @@ def filename_rule(values: dict) -> str | None:
     if name is not None and (not name.strip() or os.sep in name or "/" in name or name.startswith(".")):
         return f"filename is {name!r}: give a plain file name, no folders"
     return None
+
+
+def prefixed(node_id: str, error: Exception) -> Exception:
+    """`error` (of its own type) with its message starting with the node's id, as every run-time refusal names its node
+    (messages raised deeper in the pack may carry it already)."""
+    message = str(error)
+    return type(error)(message if message.startswith(node_id) else f"{node_id}: {message}")
