@@ -34,6 +34,10 @@ class ReferenceClassifierLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
+
+    @classmethod
     def execute(cls, weights) -> io.NodeOutput:
         try:
             return io.NodeOutput(reference_classifier(weights))

@@ -151,6 +151,10 @@ class PPAPLoadExperts(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
+
+    @classmethod
     def execute(cls, classifier, experts) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, experts)
         if path is None:

@@ -203,28 +203,25 @@ class PPAPHook:
     node_name = DISPLAY_NAME
     guides_denoised = True  # a term on the guided prediction alone, whatever made it (AGD's one-pass one included)
 
-    def __init__(self, experts: PPAPExperts, targets: ClassifierTargets, scale: float, model, chunk: int,
+    def __init__(self, experts: PPAPExperts, targets: ClassifierTargets, scale: float, chunk: int,
                  mask: torch.Tensor | None = None):
         self.experts, self.targets, self.scale, self.chunk, self.mask = experts, targets, scale, chunk, mask
-        self.model_sampling = model.get_model_object("model_sampling")
-        self.latent_format = model.get_model_object("latent_format")
-        self.flow = isinstance(self.model_sampling, comfy.model_sampling.CONST)
 
     def __deepcopy__(self, memo):
         return self
-
-    def expert_at(self, sigma: float) -> int:
-        return expert_index(model_position(self.model_sampling, sigma), self.experts.count)
 
     def __call__(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
         if self.scale == 0:
             return denoised
+        # the sampling objects of the model as it runs (a node applied after PPAP may have replaced them)
+        model_sampling, latent_format = args["model"].model_sampling, args["model"].latent_format
         x, level = args["input"], float(args["sigma"].max())  # one noise level per call, as the samplers step
-        network = self.experts.network(self.expert_at(level), x.device)
+        index = expert_index(model_position(model_sampling, level), self.experts.count)
+        network = self.experts.network(index, x.device)
         with torch.inference_mode(False):  # an inference tensor cannot be saved for the backward pass
             sigma = torch.tensor([level], device=x.device)
-        read = self.experts.input_map.noisy(self.latent_format, self.model_sampling, sigma)
+        read = self.experts.input_map.noisy(latent_format, model_sampling, sigma)
         classifier = ClassifierOnDenoised(network, self.experts.classifier.input_shape, read, chunk=self.chunk,
                                           name=f"{DISPLAY_NAME}: {self.experts.classifier.name}")
         target = self.targets.for_batch(x.shape[0], DISPLAY_NAME, x.device)
@@ -232,7 +229,8 @@ class PPAPHook:
         if not torch.isfinite(gradient).all():
             raise ValueError(f"{NODE_ID}: the expert's gradient is not finite at sigma {level:.4g}; check the "
                              "model's output (run it in float32, e.g. --force-fp32).")
-        guided = denoised + denoised_shift(gradient, level, self.flow, self.scale).to(denoised.dtype)
+        flow = isinstance(model_sampling, comfy.model_sampling.CONST)
+        guided = denoised + denoised_shift(gradient, level, flow, self.scale).to(denoised.dtype)
         if self.mask is None:
             return guided
         return torch.lerp(denoised, guided, latent_weights(self.mask, guided, NODE_ID))
@@ -257,7 +255,7 @@ def apply_ppap(model, experts: PPAPExperts, targets: ClassifierTargets, scale: f
                         "model's %s); they guide, but best on the model they were trained for.", DISPLAY_NAME,
                         experts.info.get("model_fingerprint"), model_fingerprint(model))
     patched = model.clone()
-    patched.set_model_sampler_post_cfg_function(PPAPHook(experts, targets, scale, model, chunk, mask))
+    patched.set_model_sampler_post_cfg_function(PPAPHook(experts, targets, scale, chunk, mask))
     return patched
 
 

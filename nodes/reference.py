@@ -16,6 +16,7 @@ from comfy_api.latest import io
 
 from ..reference.data import CLASS_NAMES, RESOLUTION
 from ..reference.model import class_conditioning, load_reference
+from .validation import check_widgets
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "reference" / "weights"
 DEFAULT_WEIGHTS = "fashion_diffusion.safetensors"
@@ -46,6 +47,10 @@ class ReferenceModelLoader(io.ComfyNode):
                 ReferenceClasses.Output(display_name="classes", tooltip="The model's classes, for Reference Class Conditioning."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, weights) -> io.NodeOutput:

@@ -32,6 +32,7 @@ from apg_reference import paper_apg
 from comfyui_guidance.guiders import cfgpp
 from comfyui_guidance.guiders.elucd import EluCDConfig
 from cfgpp_reference import noise_prediction, paper_coefficients
+from ppap_stacked import made_experts, ppap_shift
 from test_e2e_server import saved_images
 from test_elucd_sampling import ddpm_variance, latent_classifier, official_step_prediction
 from test_pag_sampling import Spy, apg, flux_identity, pag, rel_err, slim_model, unet_identity
@@ -191,6 +192,33 @@ def elucd_post(step, uncond, out):
     return guided
 
 
+PPAP_TARGETS = (2, 0)
+PPAP_SCALE = 1.0  # its term at the first step is about the size of CFG's prediction; larger ones swamp AG's
+# Three experts: the matrix's euler/normal run of 3 steps is at timesteps 999, ~500 and 0, one in each range, so each
+# step is guided by another expert (test_ppap_expert_choice_shows checks that the choice matters).
+PPAP_EXPERTS = 3
+
+
+@functools.cache
+def ppap_experts():
+    return made_experts(setup()[0], PPAP_EXPERTS)
+
+
+def ppap(comfy, model):
+    from comfyui_guidance.nodes.classifier_patch import ClassifierTargets
+    from comfyui_guidance.nodes.ppap_patch import apply_ppap
+
+    experts = ppap_experts()
+    return apply_ppap(model, experts, ClassifierTargets(experts.classifier, PPAP_TARGETS), PPAP_SCALE)
+
+
+def ppap_post(step, uncond, out, index=None):
+    """PPAP (tests/ppap_stacked.py, float64): + s σ² ∇ₓ log p_φᵢ(y | x/√(1 + σ²)) on whatever the stack produced,
+    φᵢ the expert of the step's timestep (or expert `index`)."""
+    sampling = setup()[0].get_model_object("model_sampling")
+    return out + ppap_shift(ppap_experts(), PPAP_TARGETS, PPAP_SCALE, step.x, step.sigma, sampling, index)
+
+
 @dataclasses.dataclass(frozen=True)
 class Patch:
     """A model-patch node of the matrix: how to apply it, and its float64 reference at the place where it acts."""
@@ -223,8 +251,9 @@ PATCHES = {
     "LinearAG": Patch(linear_ag, estimate=linear_ag_estimate,
                       pre=lambda steps, unconds: ag_pre(steps, unconds, LINEAR_AG_CALLS), pre_last=True),
     "EluCD": Patch(elucd, post=elucd_post),
+    "PPAP": Patch(ppap, post=ppap_post),
 }
-OURS = ("APG", "PAG", "AG", "LinearAG", "EluCD")
+OURS = ("APG", "PAG", "AG", "LinearAG", "EluCD", "PPAP")
 # Two AG-family nodes on one model would both decide which unconditional passes to skip: refused, naming both.
 AG_FAMILY = {"AG", "LinearAG"}
 REFUSED_PAIRS = [(a, b) for a in AG_FAMILY for b in AG_FAMILY]
@@ -236,7 +265,7 @@ CARRIED_BY_CFGPP = {"PAG"}
 SHOWN_NAMES = {"APG": "Adaptive Projected Guidance (APG)", "PAG": "Perturbed-Attention Guidance (PAG)",
                "RescaleCFG": "RescaleCFG", "CFGNorm": "CFGNorm", "CFGZeroStar": "CFGZeroStar", "AG": "Adaptive Guidance (AG)",
                "LinearAG": "LinearAG (Adaptive Guidance with fitted estimates)", "EluCD": "EluCD Classifier Guidance",
-               CFGPP: CFGPP}
+               "PPAP": "PPAP Classifier Guidance", CFGPP: CFGPP}
 
 
 class StepSpy(Spy):
@@ -303,6 +332,27 @@ def test_patch_pair_equals_float64_reference(comfy, first, second):
     if first != second:
         for alone in ([first], [second]):
             assert max(rel_err(got, want) for got, want in zip(spy.guided, reference_of_stack(alone, steps))) > 1e-3
+
+
+def test_ppap_expert_choice_shows(comfy):
+    """The matrix's PPAP run is guided by each of its three experts in turn (timesteps 999, ~500, 0), and at every
+    step the reference with any other expert misses the run's prediction by over three times the matrix's 1e-5 (at
+    the last step, σ = σ_min, PPAP's term is 5e-5 of the prediction): a wrong choice anywhere would fail the
+    pairs."""
+    from ppap_stacked import expert_of
+
+    model, positive, negative, latent = setup()
+    spy = StepSpy(PAG_REFERENCES["sd15"])
+    slim_models.ksample(spy.around(model, lambda m: ppap(comfy, m)), positive, negative, latent, cfg=CFG,
+                        steps=MATRIX_STEPS)
+    steps = recorded_steps(spy)
+    sampling = model.get_model_object("model_sampling")
+    assert [expert_of(s.sigma, sampling, PPAP_EXPERTS) for s in steps] == [2, 1, 0]
+    for step, got in zip(steps, spy.guided):
+        cfg = cfg_step(step, step.uncond)
+        assert rel_err(got, ppap_post(step, None, cfg)) < 1e-5
+        others = [i for i in range(PPAP_EXPERTS) if i != expert_of(step.sigma, sampling, PPAP_EXPERTS)]
+        assert min(rel_err(got, ppap_post(step, None, cfg, i)) for i in others) > 3e-5
 
 
 @pytest.mark.parametrize("first,second", REFUSED_PAIRS, ids=[f"{a}-then-{b}" for a, b in REFUSED_PAIRS])
@@ -466,12 +516,12 @@ def test_pag_under_cfgpp_through_the_server(comfy_server):
 # unconditional pass: a node that needs that pass, the cfg scale or CFG's combination (APG, AG, LinearAG, RescaleCFG,
 # CFGNorm, CFGZeroStar, CFG++) cannot act on it and is refused, naming both nodes, in either order (at apply time,
 # or when the run starts); a term added to the guided prediction that needs neither (PAG's s (D − D̂), EluCD's
-# classifier step on D) composes, on AGD's one-pass prediction D_agd.
+# classifier step on D, PPAP's expert gradient at the state x) composes, on AGD's one-pass prediction D_agd.
 
 AGD = "AGD"
 SHOWN_NAMES[AGD] = "Adapter Guidance Distillation (AGD)"
 AGD_SCALE = 4.0
-COMPOSES_WITH_AGD = {"PAG", "EluCD"}
+COMPOSES_WITH_AGD = {"PAG", "EluCD", "PPAP"}
 AGD_ORDERS = [(other, AGD) for other in PATCHES] + [(AGD, other) for other in PATCHES]
 AGD_COMPOSED = [pair for pair in AGD_ORDERS if set(pair) & COMPOSES_WITH_AGD]
 AGD_REFUSED = [pair for pair in AGD_ORDERS if pair not in AGD_COMPOSED] + [(AGD, AGD)]
@@ -548,17 +598,19 @@ def agd_stack_reference(other, spy):
     if other == "PAG":
         stacked = [d + PAG_SCALE * (d - p) for d, p in zip(spy.one_pass, spy.perturbed)]
         alone = [b + PAG_SCALE * (b - p) for b, p in zip(spy.base, spy.base_perturbed)]
-    else:  # EluCD acts on whatever prediction it is handed: AGD's one-pass one
-        stacked = [elucd_post(step, None, step.cond) for step in spy.steps(spy.one_pass)]
-        alone = [elucd_post(step, None, step.cond) for step in spy.steps(spy.base)]
+    else:  # EluCD and PPAP act on whatever prediction they are handed: AGD's one-pass one
+        post = PATCHES[other].post
+        stacked = [post(step, None, step.cond) for step in spy.steps(spy.one_pass)]
+        alone = [post(step, None, step.cond) for step in spy.steps(spy.base)]
     return stacked, spy.one_pass, alone
 
 
 @pytest.mark.parametrize("first,second", AGD_COMPOSED, ids=[f"{a}-then-{b}" for a, b in AGD_COMPOSED])
 def test_agd_pair_equals_float64_reference(comfy, first, second):
-    """PAG and EluCD on AGD's model at cfg 1, either order: each call's guided prediction is the other node's term
-    on AGD's one-pass prediction (PAG: D_agd + s (D_agd − D̂_agd), D̂_agd AGD's prediction under PAG's perturbation;
-    EluCD: its classifier step on D_agd), and differs from AGD alone and from the other node alone."""
+    """PAG, EluCD and PPAP on AGD's model at cfg 1, either order: each call's guided prediction is the other node's
+    term on AGD's one-pass prediction (PAG: D_agd + s (D_agd − D̂_agd), D̂_agd AGD's prediction under PAG's
+    perturbation; EluCD: its classifier step on D_agd; PPAP: D_agd + its expert's shift at the call's state), and
+    differs from AGD alone and from the other node alone."""
     model, positive, negative, latent = setup()
     other = first if second == AGD else second
     spy = AGDSpy(model.model_options)

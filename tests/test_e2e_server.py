@@ -27,6 +27,11 @@ TEST_STEPS = 3
 # training does).
 AGD_TRAINING_AT_TEST_SIZE = {"trajectories": 10, "trajectory_batch": 10, "sample_steps": TEST_STEPS, "train_steps": 2,
                              "batch_size": 2}
+# Train PPAP Experts at CPU cost: a few transfer samples of TEST_STEPS steps and one optimizer step of two images per
+# expert (tests/test_ppap.py checks what training does).
+PPAP_TRAINING_AT_TEST_SIZE = {"transfer_images": 4, "transfer_batch": 4, "sample_steps": TEST_STEPS, "batch_size": 2}
+# The folder in the server's models/ where each training node saves its file, by node type.
+TRAINED_FOLDERS = {"GuidanceAGDTrain": "agd_adapters", "GuidancePPAPTrainExperts": "ppap_experts"}
 # Image pairs that differ too little at TEST_SIZE to compare: PAG on SDXL perturbs the middle block, which a 64-pixel
 # image shrinks to 2x2 tokens (tests/test_pag_sampling.py checks PAG's effect on every family).
 ALIKE_AT_TEST_SIZE = {("PAG and PAG + APG vs CFG (SDXL)/cfg", "PAG and PAG + APG vs CFG (SDXL)/pag"),
@@ -58,9 +63,9 @@ def nodes_of(prompt, class_type):
 def shrunk(prompt):
     """The shipped graph at CPU cost, the only change the tests make to it: every `steps` input at TEST_STEPS (a FreCaS
     Sampler's steps per stage at FRECAS_STEPS_AT_TEST_SIZE, the last repeated for further stages) and every empty
-    latent no larger than TEST_SIZE (a family's native size below it, e.g. 32 px, is kept), and Train AGD Adapters at
-    AGD_TRAINING_AT_TEST_SIZE. A graph with LinearAG keeps its step count: its coefficients belong to one (and
-    LinearAG refuses another)."""
+    latent no larger than TEST_SIZE (a family's native size below it, e.g. 32 px, is kept), Train AGD Adapters at
+    AGD_TRAINING_AT_TEST_SIZE and Train PPAP Experts at PPAP_TRAINING_AT_TEST_SIZE with one optimizer step per expert.
+    A graph with LinearAG keeps its step count: its coefficients belong to one (and LinearAG refuses another)."""
     prompt = copy.deepcopy(prompt)
     fixed_steps = any(node["class_type"] == "GuidanceLinearAG" for node in prompt.values())
     for node in prompt.values():
@@ -73,6 +78,8 @@ def shrunk(prompt):
             inputs["steps"] = ", ".join(str(n) for n in caps[:stages])
         if node["class_type"] == "GuidanceAGDTrain":
             inputs.update(AGD_TRAINING_AT_TEST_SIZE)
+        if node["class_type"] == "GuidancePPAPTrainExperts":
+            inputs.update(PPAP_TRAINING_AT_TEST_SIZE, train_steps=inputs["experts"])
         if node["class_type"].startswith("Empty") or node["class_type"] == "GuidanceEmptyReferenceLatent":
             for side in ("width", "height"):
                 if isinstance(inputs.get(side), int):
@@ -130,11 +137,12 @@ def test_pack_imports_cleanly(comfy_server):
 def test_shipped_workflow_runs(comfy_server, path):
     """The shipped graph runs and saves its images (for APG: CFG ones and APG ones): right size, finite,
     non-constant, and different between outputs, since each graph compares guidance settings on the same seed. A
-    training node saves its file (removed again: the server's models folder keeps only the fixtures)."""
+    training node saves its file in the server's own (temporary) models folder, and leaves no working folder (the file
+    is removed again: the server's models folder keeps only the fixtures)."""
     prompt = shrunk(load(path))
     entry = comfy_server.run_prompt(prompt)
-    trained = [comfy_server.base / "models" / "agd_adapters" / f"{node['inputs']['filename']}.safetensors"
-               for node in nodes_of(prompt, "GuidanceAGDTrain").values()]
+    trained = [comfy_server.base / "models" / folder / f"{node['inputs']['filename']}.safetensors"
+               for kind, folder in TRAINED_FOLDERS.items() for node in nodes_of(prompt, kind).values()]
     saved = [file.is_file() and not file.with_suffix(".training").exists() for file in trained]
     for file in trained:
         file.unlink(missing_ok=True)

@@ -1,8 +1,8 @@
-"""The optional `mask` input of APG, PAG and EluCD (issue 12): a mask of ones is the node as is, bit for bit; a mask of
-zeros is the node's neutral point (APG: the conditional prediction; PAG and EluCD: the prediction without their
-term); a mask in between splits each step's prediction by region, per image of a batch; masks of another size are
-resized to the latent, a batch of masks that fits neither one nor the batch is refused naming the node. And the
-saliency nodes that make such masks from markers."""
+"""The optional `mask` input of APG, PAG, EluCD and PPAP (issue 12): a mask of ones is the node as is, bit for bit; a
+mask of zeros is the node's neutral point (APG: the conditional prediction; PAG, EluCD and PPAP: the prediction
+without their term); a mask in between splits each step's prediction by region, per image of a batch; masks of another
+size are resized to the latent, a batch of masks that fits neither one nor the batch is refused naming the node. And
+the saliency nodes that make such masks from markers."""
 
 import pytest
 import torch
@@ -11,6 +11,8 @@ import slim_models
 from comfyui_guidance.guiders.elucd import EluCDConfig
 from comfyui_guidance.nodes.classifier_patch import ClassifierTargets
 from comfyui_guidance.nodes.elucd_patch import apply_elucd
+from comfyui_guidance.nodes.ppap_patch import apply_ppap
+from ppap_stacked import made_experts
 from test_elucd_sampling import latent_classifier
 from test_pag_sampling import apg, pag, rel_err, setup
 
@@ -22,10 +24,19 @@ def elucd(comfy, model, mask=None):
                        EluCDConfig(scale=2000.0), mask=mask)  # large: the slim latents move little at the first step
 
 
+PPAP_TARGETS = (2, 0)
+
+
+def ppap(comfy, model, mask=None):
+    experts = made_experts(model, 2, model.model.latent_format.latent_channels)
+    return apply_ppap(model, experts, ClassifierTargets(experts.classifier, PPAP_TARGETS), 1.0, mask=mask)
+
+
 METHODS = {  # name: (apply with an optional mask, the neutral model it must equal under a mask of zeros, its cfg)
     "APG": (lambda comfy, m, mask=None: apg(comfy, m, norm_threshold=1.0, mask=mask), 1.0),
     "PAG": (lambda comfy, m, mask=None: pag(comfy, m, scale=3.0, mask=mask), CFG),
     "EluCD": (elucd, CFG),
+    "PPAP": (ppap, CFG),
 }
 
 
@@ -66,7 +77,7 @@ def test_ones_are_the_node_and_zeros_its_neutral_point(comfy, method, family, pr
     assert torch.equal(ones, plain)
     zeros, _ = run(apply(comfy, model, torch.zeros(1, size, size)), positive, negative, latent)
     # APG's neutral point is the conditional model (cfg 1: a batch without the unconditional rows, hence float
-    # tolerance); PAG's and EluCD's is the model without them at the same cfg
+    # tolerance); PAG's, EluCD's and PPAP's is the model without them at the same cfg
     neutral, _ = run(model, positive, negative, latent, cfg=neutral_cfg)
     assert rel_err(zeros, neutral) < 1e-5
     assert rel_err(plain, neutral) > 1e-3  # the method does something here

@@ -853,15 +853,17 @@ def test_experts_train_on_the_noise_levels_where_they_guide(comfy, monkeypatch, 
     clean = torch.randn(8, channels, 4, 4, generator=torch.Generator().manual_seed(0))
     config = ppap.PPAPConfig(experts=5, rank=2, steps=5, batch=32)
     ppap_patch.distill_experts(model, classifier, clean, InputMap("latent"), config, seed=0)
-    experts = random_experts(model, classifier, 5)
-    hook = ppap_patch.PPAPHook(experts, ClassifierTargets(classifier, (0,)), 1.0, model, chunk=8)
     sampling = model.get_model_object("model_sampling")
-    assert (hook.expert_at(float(sampling.sigma_max)), hook.expert_at(float(sampling.sigma_min))) == (4, 0)
+
+    def expert_at(sigma):  # as the hook picks it
+        return ppap.expert_index(ppap_patch.model_position(sampling, sigma), 5)
+
+    assert (expert_at(float(sampling.sigma_max)), expert_at(float(sampling.sigma_min))) == (4, 0)
     for expert, (positions, sigmas) in enumerate(drawn):
         for t, sigma in zip(positions.tolist(), sigmas.tolist()):
             official_experts = {official.step_to_classifier_index(min(max(t + d, 0), 1000), 5)
                                 for d in (-resolution, 0, resolution)}
-            assert expert in official_experts and hook.expert_at(sigma) in official_experts, (expert, t, sigma)
+            assert expert in official_experts and expert_at(sigma) in official_experts, (expert, t, sigma)
 
 
 @pytest.fixture

@@ -267,3 +267,135 @@ def test_frecas_good_values_run(comfy_server):
     for changes in ({}, {"steps": "2, 1, 1", "stage_ends": "300, 300, 0", "attention_fusion": 0.0}):
         entry = comfy_server.run_prompt(frecas_prompt(changes))
         assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+# PPAP: Train PPAP Experts (an output node), Load PPAP Experts (a file list) and PPAP Classifier Guidance (a model
+# patch on the loaded experts and Classifier Target Classes) --------------------------------------------------------
+
+PPAP, PPAP_NAME = "GuidancePPAP", "PPAP Classifier Guidance"
+PPAP_TRAIN, PPAP_TRAIN_NAME = "GuidancePPAPTrainExperts", "Train PPAP Experts"
+PPAP_LOAD = "GuidancePPAPLoadExperts"
+PPAP_FILE = "validation_ppap.safetensors"
+PPAP_INPUTS = {"experts": ["10", 0], "targets": ["9", 0], "scale": 7.5, "chunk": 8}
+PPAP_TRAIN_INPUTS = {"experts": 3, "rank": 4, "alpha": 8.0, "train_steps": 3, "batch_size": 2, "learning_rate": 1e-3,
+                     "teacher_temperature": 0.25, "transfer_images": 2, "transfer_batch": 2, "sample_steps": 1,
+                     "transfer_cfg": 1.0, "seed": 0, "filename": "validation_ppap_trained"}
+PPAP_BAD_VALUES = [
+    (PPAP, PPAP_NAME, {"scale": NAN}, "scale is nan: enter a finite number between 0 and 1000 (default 7.5)"),
+    (PPAP, PPAP_NAME, {"scale": INF}, "scale is inf"),
+    (PPAP, PPAP_NAME, {"scale": -1.0}, "scale is -1: enter a number between 0 and 1000"),
+    (PPAP, PPAP_NAME, {"scale": 2000.0}, "scale is 2000: enter a number between 0 and 1000"),
+    (PPAP, PPAP_NAME, {"chunk": 0}, "chunk is 0: enter a number between 1 and 4096"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"train_steps": 2}, "train_steps (2) is below experts (3): every expert needs at "
+     "least one step"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"experts": 0}, "experts is 0: enter a number between 1 and 50"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"experts": 51}, "experts is 51: enter a number between 1 and 50"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"rank": 0}, "rank is 0: enter a number between 1 and 1024"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"alpha": NAN}, "alpha is nan"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"alpha": 0.0}, "alpha is 0: enter a number between 0.01 and 1024"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"learning_rate": NAN}, "learning_rate is nan"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"learning_rate": 2.0}, "learning_rate is 2: enter a number between 1e-07 and 1"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"teacher_temperature": INF}, "teacher_temperature is inf"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"teacher_temperature": 0.0}, "teacher_temperature is 0: enter a number between "
+     "0.01 and 10"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"batch_size": 0}, "batch_size is 0: enter a number between 1 and 4096"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"transfer_images": 0}, "transfer_images is 0: enter a number between 1 and"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"transfer_batch": 0}, "transfer_batch is 0: enter a number between 1 and 4096"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"sample_steps": 0}, "sample_steps is 0: enter a number between 1 and 1000"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"transfer_cfg": NAN}, "transfer_cfg is nan"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"transfer_cfg": 0.5}, "transfer_cfg is 0.5: enter a number between 1 and 100"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"filename": "runs/experts"},
+     "filename is 'runs/experts': give a plain file name, no folders"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"filename": "../experts"}, "give a plain file name, no folders"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"filename": " "}, "give a plain file name, no folders"),
+    (PPAP_TRAIN, PPAP_TRAIN_NAME, {"filename": ".hidden"}, "give a plain file name, no folders"),
+]
+
+
+def ppap_prompt(changes):
+    """Reference model, reference classifier (8), Classifier Target Classes (9), Load PPAP Experts (10) → PPAP
+    Classifier Guidance (node 4) → KSampler (2 steps, cfg 1, the empty class) → VAE Decode → Save Image."""
+    prompt = reference_prompt(PPAP, PPAP_INPUTS | changes, GOOD_TARGETS)
+    prompt["10"] = {"class_type": PPAP_LOAD, "inputs": {"classifier": ["8", 0], "experts": PPAP_FILE}}
+    prompt["5"]["inputs"].update(cfg=1.0, positive=["2", 1])
+    return prompt
+
+
+def ppap_train_prompt(changes):
+    """Reference model and classifier → Train PPAP Experts (node 4, an output node), the empty class as the transfer
+    prompt, in API format."""
+    prompt = reference_prompt(APG, APG_INPUTS, GOOD_TARGETS)
+    for node in ("5", "6", "7", "9"):
+        del prompt[node]
+    prompt["4"] = {"class_type": PPAP_TRAIN, "inputs": {
+        "model": ["1", 0], "classifier": ["8", 0], "positive": ["2", 1], "negative": ["2", 1],
+        "latent_image": ["3", 0], "vae": ["1", 1], **PPAP_TRAIN_INPUTS, **changes}}
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def ppap_expert_file(comfy, comfy_server):
+    """Two fresh experts (the backbone itself) of the reference classifier for the reference model, in the server's
+    models/ppap_experts, where Load PPAP Experts lists them."""
+    from comfyui_guidance.guiders.ppap import add_adapters, expert_state, network_sha256
+    from comfyui_guidance.nodes.adaptive_patch import model_fingerprint
+    from comfyui_guidance.nodes.classifier_patch import reference_classifier
+    from comfyui_guidance.nodes.ppap_patch import FOLDER, PPAPExperts, input_map, noise_schedule
+
+    loader = comfy.NODE_CLASS_MAPPINGS["GuidanceReferenceModelLoader"]
+    model, vae, _ = loader.execute(weights="fashion_diffusion.safetensors").result
+    classifier = reference_classifier()
+    space = input_map(model, classifier, vae, PPAP_NAME)
+    network = add_adapters(classifier.network, 4, 8.0)
+    info = {"backbone_sha256": network_sha256(classifier.network), "backbone_name": classifier.name,
+            "noise_schedule": noise_schedule(model), "model_fingerprint": model_fingerprint(model)}
+    folder = comfy_server.base / "models" / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    PPAPExperts(classifier, [expert_state(network) for _ in range(2)], 4, 8.0, space, info).save(str(folder / PPAP_FILE))
+    yield PPAP_FILE
+    (folder / PPAP_FILE).unlink(missing_ok=True)
+
+
+def ppap_prompt_for(node, changes):
+    return ppap_train_prompt(changes) if node == PPAP_TRAIN else ppap_prompt(changes)
+
+
+@pytest.mark.parametrize("node,name,changes,message", PPAP_BAD_VALUES,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, _, c, _ in PPAP_BAD_VALUES])
+def test_ppap_bad_value_is_refused_at_queue_time(comfy_server, ppap_expert_file, node, name, changes, message):
+    status, body = comfy_server.request("/prompt", {"prompt": ppap_prompt_for(node, changes)})
+    assert status == 400, body[:500]
+    errors = json.loads(body)["node_errors"]["4"]["errors"]
+    details = {e["details"] for e in errors}
+    assert all(f"{name}: " in d and message in d for d in details), details
+    assert set(changes) <= {e["extra_info"]["input_name"] for e in errors}
+
+
+def test_ppap_unknown_expert_file_is_refused_at_queue_time(comfy_server, ppap_expert_file):
+    """Load PPAP Experts lists the files of models/ppap_experts; another name is refused when queued, naming the node,
+    the input and the files there (ComfyUI 0.3.75 checks no combo of a schema node itself: the node's
+    validate_inputs must)."""
+    prompt = ppap_prompt({})
+    prompt["10"]["inputs"]["experts"] = "no_such_experts.safetensors"
+    status, body = comfy_server.request("/prompt", {"prompt": prompt})
+    assert status == 400, body[:500]
+    errors = json.loads(body)["node_errors"]["10"]["errors"]
+    assert "experts" in {e["extra_info"]["input_name"] for e in errors}
+    message = "Load PPAP Experts: experts is 'no_such_experts.safetensors': choose one of "
+    assert all(message in e["details"] and PPAP_FILE in e["details"] for e in errors), errors
+
+
+def test_ppap_good_values_run(comfy_server, ppap_expert_file):
+    """The same prompts with good values run: PPAP on the listed experts (and at scale 0), and Train PPAP Experts,
+    at the fewest steps, saves its file to the server's models/ppap_experts (removed again) and its working folder
+    is gone."""
+    for changes in ({}, {"scale": 0.0, "chunk": 1}):
+        entry = comfy_server.run_prompt(ppap_prompt(changes))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+    trained = comfy_server.base / "models" / "ppap_experts" / f"{PPAP_TRAIN_INPUTS['filename']}.safetensors"
+    try:
+        entry = comfy_server.run_prompt(ppap_train_prompt({}))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        assert trained.is_file() and not trained.with_suffix(".training").exists()
+    finally:
+        trained.unlink(missing_ok=True)

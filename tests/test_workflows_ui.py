@@ -1,8 +1,9 @@
 """The shipped UI workflows load in the ComfyUI frontend: a consistent LiteGraph graph whose every node and widget
 value the running server accepts, equal to the shipped API workflow, with real-world settings for the CFG-vs-APG
-and FreCaS-vs-CFG comparisons. Widget values are checked against the server's /object_info, in the order the frontend
-assigns them."""
+and FreCaS-vs-CFG comparisons and the bench's settings for the PPAP workflows. Widget values are checked against the
+server's /object_info, in the order the frontend assigns them."""
 
+import json
 import re
 
 import pytest
@@ -242,3 +243,97 @@ def test_frecas_comparison_settings(name):
     # A seed that changes after each run would compare different noise from the second run on.
     assert {n["widgets_values"][1] for n in graph["nodes"] if n["type"] == "KSampler"} == {"fixed"}
     assert {n["widgets_values"][2] for n in graph["nodes"] if n["type"] == FRECAS} == {"fixed"}
+
+
+# PPAP on the reference model: the unconditional model (the empty class at cfg 1) with no guidance, EluCD and PPAP on
+# the same noise, and the training workflow, with the sampling of bench/ppap_bench.py and the guidance scale it
+# recommends for the shipped experts (bench/results/ppap_bench.json; PPAP_SCALE until that exists).
+PPAP_GUIDANCE, PPAP_TRAINING = "PPAP classifier guidance (reference model)", "Train PPAP experts (reference model)"
+PPAP_SCALE = 8.0
+PPAP_EXPERT_FILE = "fashion_ppap5.safetensors"
+PPAP_SAMPLING = {"steps": 25, "cfg": 1.0, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
+PPAP_BENCH = WORKFLOWS.parent / "bench" / "results" / "ppap_bench.json"
+
+
+def ppap_bench_settings():
+    """(steps, sampler, scheduler, recommended scale) of the PPAP bench's reference-model run, or the workflow's
+    provisional settings while the bench has not run."""
+    if not PPAP_BENCH.exists():
+        return PPAP_SAMPLING["steps"], PPAP_SAMPLING["sampler_name"], PPAP_SAMPLING["scheduler"], PPAP_SCALE
+    run = json.loads(PPAP_BENCH.read_text())["reference"]
+    return run["steps"], run["sampler"], run["scheduler"], run["recommended"]["scale"]
+
+
+def test_ppap_workflows_sample_as_the_bench_measured():
+    """Both PPAP workflows sample as the bench does and guide at the scale it recommends."""
+    steps, sampler, scheduler, scale = ppap_bench_settings()
+    assert (PPAP_SAMPLING["steps"], PPAP_SAMPLING["sampler_name"], PPAP_SAMPLING["scheduler"]) == (steps, sampler,
+                                                                                                  scheduler)
+    for name in (PPAP_GUIDANCE, PPAP_TRAINING):
+        [ppap] = by_type(load(API_DIR / f"{name}.json"))["GuidancePPAP"].values()
+        assert ppap["scale"] == scale, name
+
+
+def by_type(prompt):
+    found = {}
+    for node_id, node in prompt.items():
+        found.setdefault(node["class_type"], {})[node_id] = node["inputs"]
+    return found
+
+
+def check_unconditional_samplers(prompt, graph, guided_models):
+    """The KSamplers: the empty class (the conditioning's negative output) as both prompts, PPAP_SAMPLING, one seed;
+    their models: `guided_models` (node types, None for the loader's model); the seeds fixed in the UI."""
+    nodes = by_type(prompt)
+    [conditioning] = nodes["GuidanceReferenceClassConditioning"]
+    [loader] = nodes["GuidanceReferenceModelLoader"]
+    samplers = list(nodes["KSampler"].values())
+    assert sorted((prompt[s["model"][0]]["class_type"] if s["model"] != [loader, 0] else "") for s in samplers) == \
+        sorted(t or "" for t in guided_models)
+    for sampler in samplers:
+        assert sampler["positive"] == sampler["negative"] == [conditioning, 1]
+        assert {k: sampler[k] for k in PPAP_SAMPLING} == PPAP_SAMPLING
+    assert len({s["seed"] for s in samplers}) == 1
+    assert prompt[conditioning]["inputs"]["class_name"] == "all classes"
+    assert {n["widgets_values"][1] for n in graph["nodes"] if n["type"] == "KSampler"} == {"fixed"}
+
+
+def test_ppap_guidance_workflow_settings():
+    """No guidance, EluCD and PPAP side by side on the unconditional model: the shipped experts on the classifier that
+    picks the targets (all classes, one image each), one Save Image per method."""
+    name = PPAP_GUIDANCE
+    prompt, graph = load(API_DIR / f"{name}.json"), load(WORKFLOWS / f"{name}.json")
+    check_unconditional_samplers(prompt, graph, [None, "GuidanceEluCD", "GuidancePPAP"])
+    nodes = by_type(prompt)
+    [(targets_id, targets)] = nodes["GuidanceClassifierTargets"].items()
+    assert (targets["classes"], targets["images_per_class"]) == ("all classes", 1)
+    [ppap] = nodes["GuidancePPAP"].values()
+    [elucd] = nodes["GuidanceEluCD"].values()
+    assert ppap["targets"] == elucd["targets"] == [targets_id, 0] and "mask" not in ppap
+    experts = prompt[ppap["experts"][0]]
+    assert experts["class_type"] == "GuidancePPAPLoadExperts" and experts["inputs"]["experts"] == PPAP_EXPERT_FILE
+    assert experts["inputs"]["classifier"] == targets["classifier"]
+    assert prompt[targets["classifier"][0]]["inputs"]["weights"] == "fashion_classifier.safetensors"
+    prefixes = sorted(n["filename_prefix"] for n in nodes["SaveImage"].values())
+    assert prefixes == [f"{name}/elucd", f"{name}/ppap", f"{name}/unguided"]
+
+
+def test_ppap_training_workflow_settings():
+    """Train PPAP Experts on the unconditional model's samples (the empty class at cfg 1) from the classifier that
+    picks the targets, at settings a CPU runs in minutes, into a file of its own (not the shipped one, which it would
+    hide in Load PPAP Experts' list); its experts guide the KSampler's model."""
+    name = PPAP_TRAINING
+    prompt, graph = load(API_DIR / f"{name}.json"), load(WORKFLOWS / f"{name}.json")
+    check_unconditional_samplers(prompt, graph, ["GuidancePPAP"])
+    nodes = by_type(prompt)
+    [(train_id, train)] = nodes["GuidancePPAPTrainExperts"].items()
+    [conditioning] = nodes["GuidanceReferenceClassConditioning"]
+    [loader] = nodes["GuidanceReferenceModelLoader"]
+    [targets] = nodes["GuidanceClassifierTargets"].values()
+    [ppap] = nodes["GuidancePPAP"].values()
+    assert train["positive"] == train["negative"] == [conditioning, 1] and train["transfer_cfg"] == 1.0
+    assert train["model"] == [loader, 0] and train["vae"] == [loader, 1] and train["classifier"] == targets["classifier"]
+    assert ppap["experts"] == [train_id, 0] and ppap["model"] == [loader, 0]
+    assert train["experts"] <= train["train_steps"] <= 1000 and train["transfer_images"] <= 1024
+    assert f"{train['filename']}.safetensors" != PPAP_EXPERT_FILE
+    assert [n["filename_prefix"] for n in nodes["SaveImage"].values()] == [f"{name}/ppap"]
