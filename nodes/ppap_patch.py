@@ -85,7 +85,8 @@ def check_model(model, node_name: str) -> None:
     discrete = (isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete)
                 and not isinstance(sampling, (comfy.model_sampling.ModelSamplingDiscreteEDM,
                                               comfy.model_sampling.StableCascadeSampling)))
-    flow = isinstance(sampling, (comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.ModelSamplingFlux))
+    flow = isinstance(sampling, (comfy.model_sampling.ModelSamplingDiscreteFlow,
+                                 comfy.model_sampling.ModelSamplingFlux))
     if not (discrete or flow) or not isinstance(sampling, (comfy.model_sampling.EPS, comfy.model_sampling.CONST)):
         raise ValueError(f"{node_name}: PPAP's experts cover ranges of a model's diffusion timesteps; this model's "
                          f"sampling ({noise_schedule(model)}) has no such range (use an eps, v or flow model with a "
@@ -245,11 +246,11 @@ def apply_ppap(model, experts: PPAPExperts, targets: ClassifierTargets, scale: f
         raise ValueError(f"{DISPLAY_NAME}: the target classes are of {targets.classifier.name}, but these experts were "
                          f"distilled from {experts.info.get('backbone_name', 'another classifier')}; choose the "
                          "classes with the classifier the experts were loaded onto")
-    schedule = noise_schedule(model)
-    if experts.info.get("noise_schedule") != schedule:
-        raise ValueError(f"{DISPLAY_NAME}: these experts were distilled for a model with {experts.info.get('noise_schedule')}"
-                         f", and this model has {schedule}: its noisy inputs differ. Train experts for this model "
-                         f"with {TRAIN_DISPLAY_NAME}")
+    made_for, schedule = experts.info.get("noise_schedule"), noise_schedule(model)
+    if made_for != schedule:
+        raise ValueError(f"{DISPLAY_NAME}: these experts were distilled for a model with {made_for}, and this model "
+                         f"has {schedule}: its noisy inputs differ. Train experts for this model with "
+                         f"{TRAIN_DISPLAY_NAME}")
     if experts.info.get("model_fingerprint") != model_fingerprint(model):
         logging.warning("%s: these experts were distilled on the samples of other weights (fingerprint %s, this "
                         "model's %s); they guide, but best on the model they were trained for.", DISPLAY_NAME,
