@@ -1,27 +1,28 @@
 """PPAP: practical plug-and-play guidance by noise-range experts distilled without labels.
 
-Go, Lee, Kim, Lee, Hwang, "Towards Practical Plug-and-Play Diffusion Models", CVPR 2023, arXiv:2212.05973; official
+Go, Lee, Kim, Lee, Jeong, Lee, Choi, "Towards Practical Plug-and-Play Diffusion Models", CVPR 2023, arXiv:2212.05973; official
 code github.com/riiid/PPAP (python_scripts/classifier_train.py, classifier_sample.py, peft/, guided_diffusion/
 multi_expert_helper.py). An off-the-shelf classifier, trained on clean images, gives a poor gradient on the noisy
-states a sampler visits, and one network asked to read every noise level does poorly at each (the paper's Sec. 3).
-PPAP therefore:
+states a sampler visits, and one network asked to read every noise level does poorly at each (the paper's
+study of classifiers under noise; its PDF was not readable here, so what follows cites the parts of its method and the
+official code, not equation numbers). PPAP therefore:
 
-- splits the T = 1000 diffusion timesteps into N equal ranges and gives each its *expert* (Sec. 4.1; the official
+- splits the T = 1000 diffusion timesteps into N equal ranges and gives each its *expert* (multi-experts; the official
   `range_list`: expert i reads t in [⌊iT/N⌋, ⌊(i+1)T/N⌋], N = 5 by default); at sampling time the expert of the
   current timestep guides (`MultiExpertWrapper.step_to_classifier_index`: the first range holding t);
 - makes each expert a parameter-efficient fine-tune of one shared backbone, the off-the-shelf classifier itself
-  (Sec. 4.2): LoRA (Hu et al. 2021) on its convolutions, in the Conv2d form of loralib that the official
-  `LoraConv2d` uses (ΔW = (B A).view(W.shape) · α/r, A of shape [r·k, C_in·k], B of shape [C_out·k, r·k], A Kaiming-
+  (parameter-efficient fine-tuning): LoRA (Hu et al. 2021) on its layers, in the Conv2d form of loralib that the
+  official `LoraConv2d` uses (ΔW = (B A).view(W.shape) · α/r, A of shape [r·k, C_in·k], B of shape [C_out·k, r·k], A Kaiming-
   uniform, B zero, r = 16 and α = 8 by default), with its normalisation layers and every bias but the head's also
   trained (the official `freeze_model`); an expert is stored as those tensors alone;
-- trains the experts by data-free knowledge transfer (Sec. 4.3): the diffusion model's own samples x₀ (no labels, no
+- trains the experts by data-free knowledge transfer: the diffusion model's own samples x₀ (no labels, no
   dataset) are noised to a timestep of the expert's range, and the expert's prediction on x_t is fitted to the clean
   classifier's prediction on x₀, sharpened by a temperature of 0.25:
 
       L = KL( softmax(f(x₀) / τ) ‖ softmax(f_φᵢ(x_t)) ),   τ = 0.25,
 
   averaged over the classes and the batch as the official `KLDivLoss(reduction="none").mean(-1)` does;
-- guides with the expert's gradient as classifier guidance does (Dhariwal and Nichol 2021; Sec. 2 of the paper):
+- guides with the expert's gradient as classifier guidance does (Dhariwal and Nichol 2021):
   ∇ log p(x_t | y) = ∇ log p(x_t) + s ∇ log p_φᵢ(y | x_t), the classifier read on the model's noisy input x_t
   itself (`cond_fn`: the gradient of log_softmax(f_φᵢ(x_t))_y with respect to x_t), s = 7.5 by default.
 
