@@ -460,12 +460,19 @@ class Reference:
             vae=self.vae, progress=False))
 
     def quality(self, images, labels, real) -> dict:
-        small = images if images.shape[-1] == RESOLUTION else F.interpolate(images, size=(RESOLUTION, RESOLUTION),
-                                                                           mode="area")
-        row = ref.evaluate(small, labels, self.guide, real, self.args.k, self.device)
-        row["judge_accuracy"] = accuracy(self.judge, small, labels, self.device)
-        row.update(metrics.object_counts(small.to(self.device), **OBJECTS))
-        return row
+        return downsampled_quality(images, labels, self.guide, self.judge, real, self.args.k, self.device)
+
+
+def downsampled_quality(images, labels, guide, judge, real, k, device) -> dict:
+    """Every metric of images of any size, measured at the training size: downsampled (area) to 32² first, then
+    bench/reference_eval.py's `evaluate` (guide classifier features and pixels), the judge's class accuracy and the
+    object counts."""
+    small = images if images.shape[-1] == RESOLUTION else F.interpolate(images, size=(RESOLUTION, RESOLUTION),
+                                                                       mode="area")
+    row = ref.evaluate(small, labels, guide, real, k, device)
+    row["judge_accuracy"] = accuracy(judge, small, labels, device)
+    row.update(metrics.object_counts(small.to(device), **OBJECTS))
+    return row
 
 
 def line(name, row) -> str:

@@ -14,16 +14,24 @@ for eps, v and flow (CONST) models alike, so one implementation serves every par
     projection:             ΔD_t^∥ = (⟨ΔD_t, D_c⟩ / ⟨D_c, D_c⟩) D_c,     ΔD_t^⊥ = ΔD_t − ΔD_t^∥
     APG:                    D̂ = D_c + (w − 1) (ΔD_t^⊥ + η ΔD_t^∥)
 
-Norms and inner products are per sample over every non-batch dimension (4-D image and 5-D video latents alike).
-With η = 1, r = 0 and β = 0 the update is ΔD_t and APG is CFG at the same w. The whole update is a per-sample linear
-combination a·ΔD_t + b·D_c, which is how it is computed: one pass for the three inner products, one pass to combine.
+Norms and inner products are per sample over every non-batch dimension (4-D image and 5-D video latents alike),
+or, with `video_mode="frame"`, per latent frame of a 5-D video latent [B, C, T, H, W]: each frame's update is
+projected on that frame's conditional prediction and capped on its own. With η = 1, r = 0 and β = 0 the update is
+ΔD_t and APG is CFG at the same w. The whole update is a per-group linear combination a·ΔD_t + b·D_c, which is how
+it is computed: one pass for the three inner products, one pass to combine.
+
+The threshold r caps an L2 norm, which grows with the square root of the number of elements it is taken over, so the
+paper's r = 15 (SDXL at 1024²: a 4 × 128 × 128 latent) binds harder on larger latents and less on smaller ones. With
+`threshold_mode="per-element"` the cap of a group of n elements is r·√(n / n_ref), n_ref = 4 · 128 · 128: the same
+r then caps the same root-mean-square update at every size, family and frame count. "absolute" (the default) is
+the paper's r as it is.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from ..kernels.projection import combine, parallel_coefficient, rescale_factor, sample_dots
+from ..kernels.projection import combine, group_elements, parallel_coefficient, rescale_factor, sample_dots
 from .checks import check_finite
 from .sigma_range import SIGMA_MAX, SIGMA_MIN, check_sigma_range, in_sigma_range
 
@@ -32,6 +40,11 @@ from .sigma_range import SIGMA_MAX, SIGMA_MIN, check_sigma_range, in_sigma_range
 DEFAULT_ETA = 0.0
 DEFAULT_NORM_THRESHOLD = 15.0
 DEFAULT_MOMENTUM = -0.5
+THRESHOLD_MODES = ("absolute", "per-element")
+VIDEO_MODES = ("clip", "frame")
+# n_ref of the per-element threshold: the elements of the latent the paper tuned r = 15 on (SDXL at 1024², 4 channels
+# at 128 × 128).
+REFERENCE_ELEMENTS = 4 * 128 * 128
 
 
 @dataclass(frozen=True)
@@ -41,10 +54,27 @@ class APGConfig:
     momentum: float = DEFAULT_MOMENTUM
     sigma_start: float = SIGMA_MAX
     sigma_end: float = SIGMA_MIN
+    threshold_mode: str = THRESHOLD_MODES[0]
+    video_mode: str = VIDEO_MODES[0]
 
     def __post_init__(self):
         check_finite(eta=self.eta, norm_threshold=self.norm_threshold, momentum=self.momentum)
         check_sigma_range(self.sigma_start, self.sigma_end)
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, not {self.threshold_mode!r}")
+        if self.video_mode not in VIDEO_MODES:
+            raise ValueError(f"video_mode must be one of {', '.join(VIDEO_MODES)}, not {self.video_mode!r}")
+
+    @property
+    def frames(self) -> bool:
+        """Norms and projections per latent frame (of 5-D latents; others have none)."""
+        return self.video_mode == "frame"
+
+    def threshold(self, elements: int) -> float:
+        """The cap of a group of `elements` elements: r, or r·√(n / n_ref) per element."""
+        if self.threshold_mode == "absolute":
+            return self.norm_threshold
+        return self.norm_threshold * (elements / REFERENCE_ELEMENTS) ** 0.5
 
     def acts_at(self, sigma: float) -> bool:
         return in_sigma_range(sigma, self.sigma_start, self.sigma_end)
@@ -76,9 +106,9 @@ class APGState:
 
 
 def update_coefficients(dots: torch.Tensor, eta: float, norm_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) per sample such that the APG update ΔD_t^⊥ + η ΔD_t^∥ of the rescaled ΔD_t equals a·ΔD_t + b·D_c.
+    """(a, b) per group such that the APG update ΔD_t^⊥ + η ΔD_t^∥ of the rescaled ΔD_t equals a·ΔD_t + b·D_c.
 
-    dots are ⟨ΔD,ΔD⟩, ⟨ΔD,D_c⟩, ⟨D_c,D_c⟩ per sample ([B, 3]). With s = min(1, r/‖ΔD‖) the rescaled update is s·ΔD,
+    dots are ⟨ΔD,ΔD⟩, ⟨ΔD,D_c⟩, ⟨D_c,D_c⟩ per group ([groups, 3]). With s = min(1, r/‖ΔD‖) the rescaled update is s·ΔD,
     its parallel part is s·k·D_c with k = ⟨ΔD,D_c⟩/⟨D_c,D_c⟩, and ΔD^⊥ + η ΔD^∥ = s·ΔD − (1 − η)·s·k·D_c.
     """
     if not torch.isfinite(dots).all():
@@ -108,23 +138,24 @@ def apg_coefficients(
     sigma: float | None = None,
     fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ΔD_t after momentum, a, b): the APG update is a·ΔD_t + b·D_c per sample."""
+    """(ΔD_t after momentum, a, b): the APG update is a·ΔD_t + b·D_c per group (sample, or sample and frame)."""
     diff = guidance_difference(pred_cond, pred_uncond, state, sigma)
-    a, b = update_coefficients(sample_dots(diff, pred_cond, fused), config.eta, config.norm_threshold)
+    dots = sample_dots(diff, pred_cond, fused, config.frames)
+    a, b = update_coefficients(dots, config.eta, config.threshold(group_elements(diff, config.frames)))
     return diff, a, b
 
 
 def apg_update(pred_cond, pred_uncond, config: APGConfig, state=None, sigma=None, fused=None) -> torch.Tensor:
     """ΔD_t^⊥ + η ΔD_t^∥ of the (momentum-averaged, rescaled) guidance difference."""
     diff, a, b = apg_coefficients(pred_cond, pred_uncond, config, state, sigma, fused)
-    return combine(diff, pred_cond, a, b, fused)
+    return combine(diff, pred_cond, a, b, fused, config.frames)
 
 
 def apg_guided(pred_cond, pred_uncond, guidance_scale: float, config: APGConfig, state=None, sigma=None, fused=None):
     """D̂ = D_c + (w − 1)(ΔD_t^⊥ + η ΔD_t^∥): the guided denoised prediction."""
     diff, a, b = apg_coefficients(pred_cond, pred_uncond, config, state, sigma, fused)
     w1 = guidance_scale - 1.0
-    return combine(diff, pred_cond, w1 * a, 1.0 + w1 * b, fused)
+    return combine(diff, pred_cond, w1 * a, 1.0 + w1 * b, fused, config.frames)
 
 
 def apg_cfg_uncond(pred_cond, pred_uncond, config: APGConfig, state=None, sigma=None, fused=None) -> torch.Tensor:
@@ -134,4 +165,4 @@ def apg_cfg_uncond(pred_cond, pred_uncond, config: APGConfig, state=None, sigma=
     function follows, at the user's own scale w.
     """
     diff, a, b = apg_coefficients(pred_cond, pred_uncond, config, state, sigma, fused)
-    return combine(diff, pred_cond, -a, 1.0 - b, fused)
+    return combine(diff, pred_cond, -a, 1.0 - b, fused, config.frames)

@@ -1,22 +1,38 @@
 """Fused CUDA paths of `kernels/projection.py`, in Triton.
 
-`sample_dots_triton` reads x and y once and produces all three per-sample inner products: each program reduces a
-strided share of one sample in float32 and writes its partial sums; the partials are added in float64 by torch, so the
-result does not depend on scheduling (no atomics). `combine_triton` is one read of x and y and one write.
-Inputs are made contiguous and viewed as [B, N].
+`sample_dots_triton` reads x and y once and produces all three per-group inner products: each program reduces a
+strided share of one group in float32 and writes its partial sums (as float64, an exact widening); torch adds the
+partials in float64, so the result does not depend on scheduling (no atomics). `combine_triton` is one read of x and
+y and one write.
+Inputs are made contiguous and viewed as [B, N]; per frame, a 5-D latent is viewed as [B, C, T, H·W] and each
+(sample, frame) group gathers its C rows of H·W (one pass still, the partial sums per group; where H·W is a multiple
+of 16 the compiler proves the runs contiguous and loads 16 bytes at a time, as in the per-sample kernels).
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
-NUM_WARPS = 8
-# Reduction programs per GPU multiprocessor, shared among the samples: enough loads in flight to fill the memory
-# system for batch 1, few enough that the float64 sum of the partials stays negligible.
-PROGRAMS_PER_SM = 4
+
+class Tuning(NamedTuple):
+    block: int  # elements of each input a program loads per step (a power of two)
+    num_warps: int
+    programs_per_sm: int = 0  # reductions: programs per multiprocessor in all, shared among the groups
+
+
+# Per kernel, the fastest candidate of `python bench/apg_bench.py --sweep` on an H200 (graph-replay timings of every
+# candidate on the Wan 2.1 720p latent in float32: bench/results/apg_bench.md). The reductions keep enough loads in
+# flight to fill the memory system for batch 1 and few enough programs that the float64 sum of the partials stays
+# a small kernel; the top few candidates of each kernel lie within about 0.3 µs (2%) of one another.
+TUNING = {
+    "dots": Tuning(2048, 8, 4),
+    "frame_dots": Tuning(4096, 8, 2),
+    "combine": Tuning(512, 4),
+    "frame_combine": Tuning(512, 4),
+}
 
 
 @triton.jit
@@ -37,15 +53,15 @@ def _sample_dots_kernel(x_ptr, y_ptr, partial_ptr, n, programs, BLOCK: tl.conste
         xy += x * y
         yy += y * y
     out = partial_ptr + (sample * programs + part) * 3
-    tl.store(out, tl.sum(xx, axis=0))
-    tl.store(out + 1, tl.sum(xy, axis=0))
-    tl.store(out + 2, tl.sum(yy, axis=0))
+    tl.store(out, tl.sum(xx, axis=0).to(tl.float64))  # the float32 partial, exactly, in the float64 buffer
+    tl.store(out + 1, tl.sum(xy, axis=0).to(tl.float64))
+    tl.store(out + 2, tl.sum(yy, axis=0).to(tl.float64))
 
 
 @triton.jit
 def _combine_kernel(x_ptr, y_ptr, a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    sample = tl.program_id(0)
-    block = tl.program_id(1)
+    block = tl.program_id(0)
+    sample = tl.program_id(1)
     base = sample.to(tl.int64) * n
     idx = block * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -56,30 +72,119 @@ def _combine_kernel(x_ptr, y_ptr, a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr)
     tl.store(out_ptr + base + idx, (a * x + b * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _frame_dots_kernel(x_ptr, y_ptr, partial_ptr, channels, frames, hw, programs, BLOCK: tl.constexpr):
+    group = tl.program_id(0)  # sample · frames + frame
+    part = tl.program_id(1)
+    sample = (group // frames).to(tl.int64)
+    frame = group % frames
+    n = channels * hw
+    offsets = tl.arange(0, BLOCK)
+    xx = tl.zeros([BLOCK], dtype=tl.float32)
+    xy = tl.zeros([BLOCK], dtype=tl.float32)
+    yy = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(part * BLOCK, n, programs * BLOCK):
+        idx = start + offsets
+        mask = idx < n
+        channel = idx // hw
+        address = ((sample * channels + channel) * frames + frame) * hw + (idx - channel * hw)
+        x = tl.load(x_ptr + address, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + address, mask=mask, other=0.0).to(tl.float32)
+        xx += x * x
+        xy += x * y
+        yy += y * y
+    out = partial_ptr + (group * programs + part) * 3
+    tl.store(out, tl.sum(xx, axis=0).to(tl.float64))  # the float32 partial, exactly, in the float64 buffer
+    tl.store(out + 1, tl.sum(xy, axis=0).to(tl.float64))
+    tl.store(out + 2, tl.sum(yy, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _frame_combine_kernel(x_ptr, y_ptr, a_ptr, b_ptr, out_ptr, channels, frames, hw, BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # (sample · channels + channel) · frames + frame
+    block = tl.program_id(1)
+    group = (row // (channels * frames)) * frames + row % frames
+    base = row.to(tl.int64) * hw
+    idx = block * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < hw
+    a = tl.load(a_ptr + group)
+    b = tl.load(b_ptr + group)
+    x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + base + idx, (a * x + b * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(t.shape[0], -1)
 
 
-def sample_dots_triton(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _programs(x: torch.Tensor, groups: int, blocks: int, programs_per_sm: int) -> int:
+    """Programs per group for a reduction over `blocks` blocks per group: about programs_per_sm per multiprocessor in
+    all, each taking the same number of blocks (the last few one fewer), so that no program runs a step longer
+    than most."""
+    blocks = max(1, blocks)
+    target = min(blocks, max(1, triton.cdiv(programs_per_sm * _multiprocessors(_device_index(x)), groups)))
+    return triton.cdiv(blocks, triton.cdiv(blocks, target))
+
+
+def dots_partials(x: torch.Tensor, y: torch.Tensor, frames: bool = False) -> torch.Tensor:
+    """[groups, programs, 3]: each program's partial ⟨x,x⟩, ⟨x,y⟩, ⟨y,y⟩ of its share of a group, summed in
+    float32 and stored as float64 (exactly), so that torch adds them in float64 in one kernel (a float32 buffer
+    would cost a cast kernel before the sum)."""
+    if frames:
+        batch, channels, count = x.shape[:3]
+        hw = x[0, 0, 0].numel()
+        xf, yf = x.contiguous(), y.contiguous()
+        tuning = TUNING["frame_dots"]
+        groups = batch * count
+        programs = _programs(x, groups, triton.cdiv(channels * hw, tuning.block), tuning.programs_per_sm)
+        partial = torch.empty(groups, programs, 3, device=x.device, dtype=torch.float64)
+        _frame_dots_kernel[(groups, programs)](xf, yf, partial, channels, count, hw, programs, BLOCK=tuning.block,
+                                               num_warps=tuning.num_warps)
+        return partial
     xf, yf = _flat(x), _flat(y)
     batch, n = xf.shape
-    sms = _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    programs = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch), triton.cdiv(n, BLOCK)))
-    partial = torch.empty(batch, programs, 3, device=x.device, dtype=torch.float32)
-    _sample_dots_kernel[(batch, programs)](xf, yf, partial, n, programs, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return partial.sum(dim=1, dtype=torch.float64)
+    tuning = TUNING["dots"]
+    programs = _programs(x, batch, triton.cdiv(n, tuning.block), tuning.programs_per_sm)
+    partial = torch.empty(batch, programs, 3, device=x.device, dtype=torch.float64)
+    _sample_dots_kernel[(batch, programs)](xf, yf, partial, n, programs, BLOCK=tuning.block,
+                                           num_warps=tuning.num_warps)
+    return partial
 
 
-def combine_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def sample_dots_triton(x: torch.Tensor, y: torch.Tensor, frames: bool = False) -> torch.Tensor:
+    """[groups, 3] float64: per sample, or per (sample, frame) of a 5-D latent when `frames`."""
+    return dots_partials(x, y, frames).sum(dim=1)
+
+
+def combine_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   frames: bool = False) -> torch.Tensor:
+    """a[g]·x[g] + b[g]·y[g] per sample, or per (sample, frame) of a 5-D latent when `frames`."""
+    a32 = a.to(device=x.device, dtype=torch.float32).contiguous()
+    b32 = b.to(device=x.device, dtype=torch.float32).contiguous()
+    if frames:
+        batch, channels, count = x.shape[:3]
+        hw = x[0, 0, 0].numel()
+        xf, yf = x.contiguous(), y.contiguous()
+        out = torch.empty_like(xf)
+        tuning = TUNING["frame_combine"]
+        _frame_combine_kernel[(batch * channels * count, triton.cdiv(hw, tuning.block))](
+            xf, yf, a32, b32, out, channels, count, hw, BLOCK=tuning.block, num_warps=tuning.num_warps)
+        return out
     xf, yf = _flat(x), _flat(y)
     batch, n = xf.shape
     out = torch.empty_like(xf)
-    a32 = a.to(device=x.device, dtype=torch.float32).contiguous()
-    b32 = b.to(device=x.device, dtype=torch.float32).contiguous()
-    _combine_kernel[(batch, triton.cdiv(n, BLOCK))](xf, yf, a32, b32, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    tuning = TUNING["combine"]
+    # blocks on the first grid axis (up to 2³¹ − 1 programs), samples on the second (up to 65535)
+    _combine_kernel[(triton.cdiv(n, tuning.block), batch)](xf, yf, a32, b32, out, n, BLOCK=tuning.block,
+                                                          num_warps=tuning.num_warps)
     return out.view(x.shape)

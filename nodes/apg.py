@@ -2,7 +2,7 @@
 
 from comfy_api.latest import io
 
-from ..guiders.apg import APGConfig
+from ..guiders.apg import THRESHOLD_MODES, VIDEO_MODES, APGConfig
 from ..guiders.sigma_range import SIGMA_MAX, SIGMA_MIN
 from .apg_patch import DISPLAY_NAME, NODE_ID, apply_apg
 from .validation import check_widgets, sigma_range_rule
@@ -53,6 +53,21 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
                               "latent; one for all images or one per image). 1 = APG as is, 0 = the conditional "
                               "prediction (no guidance), values between blend the two. Saliency Map From Markers "
                               "makes one."),
+                io.Combo.Input(
+                    "threshold_mode", options=list(THRESHOLD_MODES), default=defaults.threshold_mode, optional=True,
+                    tooltip="absolute (the paper's): norm_threshold caps the update's L2 norm over the whole latent, "
+                    "which was tuned on SDXL at 1024x1024; the same value binds harder on larger latents (2048x2048, "
+                    "video clips) and less on smaller ones (SD1.5 at 512x512). per-element: the cap grows with the "
+                    "square root of the latent's size relative to SDXL at 1024x1024, so one norm_threshold caps the "
+                    "same per-element (RMS) update at every resolution, model and clip length.",
+                ),
+                io.Combo.Input(
+                    "video_mode", options=list(VIDEO_MODES), default=defaults.video_mode, optional=True,
+                    tooltip="Video latents only (image latents are unaffected). clip: norms and projections over the "
+                    "whole clip, as for an image. frame: per latent frame, each frame's update projected on that "
+                    "frame's conditional prediction and capped on its own, so one frame's update does not change "
+                    "how much another is guided.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with APG applied at the sampler's CFG step.")],
         )
@@ -62,9 +77,10 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
         return check_widgets(cls, values, sigma_range_rule)
 
     @classmethod
-    def execute(cls, model, eta, norm_threshold, momentum, sigma_start, sigma_end, mask=None) -> io.NodeOutput:
+    def execute(cls, model, eta, norm_threshold, momentum, sigma_start, sigma_end, mask=None,
+                threshold_mode=THRESHOLD_MODES[0], video_mode=VIDEO_MODES[0]) -> io.NodeOutput:
         try:
-            config = APGConfig(eta, norm_threshold, momentum, sigma_start, sigma_end)
+            config = APGConfig(eta, norm_threshold, momentum, sigma_start, sigma_end, threshold_mode, video_mode)
         except ValueError as e:  # values that came through links, which queue-time validation cannot see
             raise ValueError(f"{NODE_ID}: {e}.") from e
         return io.NodeOutput(apply_apg(model, config, mask))

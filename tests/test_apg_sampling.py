@@ -145,3 +145,85 @@ def test_bad_sigma_range_is_refused_with_the_fix(comfy):
     model = slim_models.build_model("sd15")
     with pytest.raises(ValueError, match="AdaptiveProjectedGuidance.*sigma_start"):
         apg(comfy, model, sigma_start=1.0, sigma_end=2.0)
+
+
+# Issue 16: threshold_mode (absolute | per-element) and video_mode (clip | frame) ------------------------------------
+
+# family, prediction, threshold_mode, video_mode, norm_threshold: thresholds that bind on some steps (or frames) of
+# these slim models and not on others (wan21's update is about 0.45 per latent frame of 256 elements at the first
+# step, sd15's about 3.5 over 64 elements)
+MODE_CASES = [
+    ("sd15", "eps", "per-element", "clip", 60.0),
+    ("wan21", "flow", "absolute", "frame", 0.42),
+    ("wan21", "flow", "per-element", "frame", 6.5),
+    ("wan21", "flow", "per-element", "clip", 6.5),
+]
+
+
+@pytest.mark.parametrize("family,prediction,threshold_mode,video_mode,r", MODE_CASES,
+                         ids=[f"{f}-{t}-{v}" for f, _, t, v, _ in MODE_CASES])
+def test_modes_in_the_sampler_match_float64_paper_algorithm(comfy, family, prediction, threshold_mode, video_mode, r):
+    """Through KSampler, batch 2, three steps of reverse momentum: per element, Algorithm 1 with r·√(n / 65536) (n of
+    a sample, or of a latent frame); per frame, each latent frame of the video guided on its own."""
+    model, positive, negative, latent = setup(family, prediction, batch=2)
+    if family == "wan21":
+        latent = slim_models.empty_latent(family, batch=2, height=32, width=32, length=9)  # [2, 16, 3, 4, 4]
+    spy = Spy(model)
+    patched = apg(comfy, spy.model, norm_threshold=r, threshold_mode=threshold_mode, video_mode=video_mode)
+    slim_models.ksample(patched, positive, negative, latent, cfg=6.0, steps=3)
+    conds, unconds = [c for c, _ in spy.raw], [u for _, u in spy.raw]
+    assert len(conds) == 3 and conds[0].shape[0] == 2 and conds[0].ndim == (5 if family == "wan21" else 4)
+    frames, per_element = video_mode == "frame", threshold_mode == "per-element"
+    expected = paper_apg(conds, unconds, 6.0, 0.0, r, -0.5, frames=frames, per_element=per_element)
+    for got, want in zip(spy.guided, expected):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    # each mode matters here: the other threshold mode, and on video the other video mode, guide otherwise
+    others = [paper_apg(conds, unconds, 6.0, 0.0, r, -0.5, frames=frames, per_element=not per_element)]
+    if family == "wan21":
+        others.append(paper_apg(conds, unconds, 6.0, 0.0, r, -0.5, frames=not frames, per_element=per_element))
+    for other in others:
+        assert max(((a - b).norm() / b.norm()).item() for a, b in zip(other, expected)) > 1e-3
+
+
+def test_video_mode_leaves_image_latents_unchanged_in_the_sampler(comfy):
+    model, positive, negative, latent = setup("sdxl", batch=2)
+    settings = dict(norm_threshold=30.0, threshold_mode="per-element")
+    clip = slim_models.ksample(apg(comfy, model, **settings, video_mode="clip"), positive, negative, latent, cfg=6.0,
+                               steps=3)["samples"]
+    frame = slim_models.ksample(apg(comfy, model, **settings, video_mode="frame"), positive, negative, latent, cfg=6.0,
+                                steps=3)["samples"]
+    assert torch.equal(clip, frame)
+
+
+def hook_config(patched):
+    hooks = patched.model_options["sampler_pre_cfg_function"]
+    return hooks[-1].config
+
+
+def test_node_without_the_new_inputs_is_absolute_and_clip(comfy):
+    """Callers that pass no threshold_mode or video_mode (API prompts and scripts from before) get the paper's
+    absolute threshold over whole samples, as before; the two inputs reach the patch when given."""
+    model = slim_models.build_model("wan21")
+    node = comfy.NODE_CLASS_MAPPINGS["AdaptiveProjectedGuidance"]
+    old = node.execute(model, **DEFAULTS).result[0]
+    config = hook_config(old)
+    assert (config.threshold_mode, config.video_mode) == ("absolute", "clip")
+    assert not config.frames and config.threshold(16 * 21 * 90 * 160) == DEFAULTS["norm_threshold"]
+    new = node.execute(model, **DEFAULTS, threshold_mode="per-element", video_mode="frame").result[0]
+    config = hook_config(new)
+    assert (config.threshold_mode, config.video_mode) == ("per-element", "frame") and config.frames
+    inputs = node.GET_SCHEMA().inputs
+    combos = {i.id: i for i in inputs if i.id in ("threshold_mode", "video_mode")}
+    assert combos["threshold_mode"].optional and combos["video_mode"].optional
+    assert combos["threshold_mode"].default == "absolute" and combos["video_mode"].default == "clip"
+    assert list(combos["threshold_mode"].options) == ["absolute", "per-element"]
+    assert list(combos["video_mode"].options) == ["clip", "frame"]
+
+
+@pytest.mark.parametrize("field,value,allowed", [("threshold_mode", "relative", "absolute, per-element"),
+                                                 ("video_mode", "frames", "clip, frame")])
+def test_unknown_mode_is_refused_with_the_node_name(comfy, field, value, allowed):
+    """A value that arrives through a link (not checked when queued) stops the node, naming it and the choices."""
+    model = slim_models.build_model("sd15")
+    with pytest.raises(ValueError, match=f"AdaptiveProjectedGuidance.*{field} must be one of {allowed}"):
+        apg(comfy, model, **{field: value})

@@ -206,6 +206,21 @@ def test_out_of_range_value_is_refused(comfy_server):
     assert entry["status"]["status_str"] == "success" and len(entry["outputs"]) == 2
 
 
+def test_apg_prompt_from_before_the_mode_inputs_runs_as_before(comfy_server):
+    """An API prompt saved before APG had threshold_mode and video_mode (optional inputs) is accepted and makes the
+    same images as the shipped one, which names today's behaviour (absolute, clip)."""
+    shipped = shrunk(load(API_DIR / "APG vs CFG (reference model).json"))
+    old = copy.deepcopy(shipped)
+    for node in nodes_of(old, APG).values():
+        assert (node["inputs"].pop("threshold_mode"), node["inputs"].pop("video_mode")) == ("absolute", "clip")
+    entries = [comfy_server.run_prompt(prompt) for prompt in (shipped, old)]
+    assert [e["status"]["status_str"] for e in entries] == ["success", "success"], [e["status"] for e in entries]
+    images = [saved_images(comfy_server, e) for e in entries]
+    assert sorted(images[0]) == sorted(images[1]) and len(images[0]) == 2
+    for prefix, batch in images[0].items():
+        assert np.array_equal(batch, images[1][prefix]), prefix
+
+
 def test_example_workflows_are_served(comfy_server):
     """ComfyUI's template browser lists exactly the UI workflows under the pack (no API-format ones, which it could
     not open) and serves each unchanged, with its thumbnail."""

@@ -51,3 +51,111 @@ def test_apg_fused_equals_torch_path(shape):
         fused = apg_guided(cond, uncond, 9.0, config, fused_state, sigma, fused=True)
         reference = apg_guided(cond, uncond, 9.0, config, torch_state, sigma, fused=False)
         assert rel_err(fused, reference) < 1e-6
+
+
+# Per-frame grouping of 5-D video latents (issue 16): the Triton frame kernels against the torch path -----------------
+
+from comfyui_guidance.kernels.projection import group_count  # noqa: E402
+
+# [B, C, T, H, W]: a Wan 2.1 720p clip (81 frames at 1280 × 720), a 480p-like batch of 2, odd sizes (a frame smaller
+# than one block, frames of one element, one frame, one channel)
+FRAME_SHAPES = [(1, 16, 21, 90, 160), (2, 16, 21, 60, 104), (2, 5, 3, 33, 17), (2, 4, 7, 1, 1), (1, 3, 1, 129, 65),
+                (3, 1, 5, 45, 47)]
+FRAME_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def frame_pair(shape, dtype, seed=0):
+    """x, y with a different size in every (sample, frame), so that a group mixed up with another shows."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    sizes = torch.linspace(0.1, 4.0, shape[0] * shape[2], device="cuda").view(shape[0], 1, shape[2], 1, 1)
+    x = (torch.randn(shape, device="cuda", generator=g) * sizes).to(dtype)
+    y = (torch.randn(shape, device="cuda", generator=g) + 0.5 * x.float()).to(dtype)
+    return x, y
+
+
+def float64_frame_dots(x, y):
+    xd, yd = x.double(), y.double()
+    return torch.stack([torch.einsum("bcthw,bcthw->bt", p, q).reshape(-1) for p, q in ((xd, xd), (xd, yd), (yd, yd))],
+                       dim=1)
+
+
+def assert_dots_close(got, expected, rtol):
+    """Each group's inner products within rtol of the float64 ones, <x,y> relative to ‖x‖‖y‖ (it can be near 0)."""
+    assert got.shape == expected.shape and got.dtype == torch.float64
+    scale = torch.stack([expected[:, 0], (expected[:, 0] * expected[:, 2]).sqrt(), expected[:, 2]], dim=1)
+    worst = ((got - expected).abs() / scale.clamp_min(1e-30)).max().item()
+    assert worst < rtol, worst
+
+
+@pytest.mark.parametrize("shape", FRAME_SHAPES, ids=["x".join(map(str, s)) for s in FRAME_SHAPES])
+@pytest.mark.parametrize("dtype", FRAME_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_fused_frame_dots_match_torch_path_and_float64(shape, dtype):
+    x, y = frame_pair(shape, dtype)
+    expected = float64_frame_dots(x, y)
+    fused = sample_dots(x, y, fused=True, frames=True)
+    assert fused.shape == (shape[0] * shape[2], 3)
+    assert_dots_close(fused, expected, 1e-5)
+    assert_dots_close(fused, sample_dots(x, y, fused=False, frames=True), 1e-5)
+
+
+@pytest.mark.parametrize("shape", FRAME_SHAPES, ids=["x".join(map(str, s)) for s in FRAME_SHAPES])
+@pytest.mark.parametrize("dtype", FRAME_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_fused_frame_combine_matches_torch_path_and_float64(shape, dtype):
+    x, y = frame_pair(shape, dtype, seed=1)
+    groups = group_count(x, True)
+    a = torch.linspace(-2.0, 3.0, groups, device="cuda", dtype=torch.float64)  # one pair per (sample, frame)
+    b = torch.linspace(1.5, -0.5, groups, device="cuda", dtype=torch.float64)
+    fused = combine(x, y, a, b, fused=True, frames=True)
+    assert fused.dtype == dtype and fused.shape == shape and torch.isfinite(fused).all()
+    view = (shape[0], 1, shape[2], 1, 1)
+    expected = a.view(view) * x.double() + b.view(view) * y.double()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(fused, expected) < tolerance
+    torch_path = combine(x, y, a, b, fused=False, frames=True)
+    if dtype == torch.float32:
+        assert rel_err(fused, torch_path) < 1e-6
+    else:  # the same float32 formula rounded to dtype: one unit of dtype apart at most, plus what a fused
+        # multiply-add changes in float32 (it shows where a·x and b·y cancel)
+        view32 = (shape[0], 1, shape[2], 1, 1)
+        terms = (a.float().view(view32) * x.float()).abs() + (b.float().view(view32) * y.float()).abs()
+        bound = torch.finfo(dtype).eps * torch_path.float().abs() * 1.01 + 4 * torch.finfo(torch.float32).eps * terms
+        assert ((fused.float() - torch_path.float()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_fused_frame_kernels_handle_non_contiguous_input(dtype):
+    """A latent laid out [B, T, C, H, W] in memory and viewed as [B, C, T, H, W] (as some video models produce)."""
+    x = torch.randn(2, 7, 16, 30, 52, device="cuda", dtype=dtype).transpose(1, 2)
+    y = torch.randn(2, 16, 7, 30, 52, device="cuda", dtype=dtype)
+    assert not x.is_contiguous()
+    assert_dots_close(sample_dots(x, y, fused=True, frames=True), float64_frame_dots(x, y), 1e-5)
+    a = torch.linspace(-1.0, 1.0, 14, device="cuda", dtype=torch.float64)
+    b = torch.linspace(2.0, 0.5, 14, device="cuda", dtype=torch.float64)
+    fused = combine(x, y, a, b, fused=True, frames=True)
+    assert rel_err(fused, combine(x, y, a, b, fused=False, frames=True)) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_fused_frames_leave_image_latents_to_the_sample_kernels():
+    x, y = torch.randn(2, 4, 64, 64, device="cuda"), torch.randn(2, 4, 64, 64, device="cuda")
+    assert torch.equal(sample_dots(x, y, fused=True, frames=True), sample_dots(x, y, fused=True))
+    a, b = torch.rand(2, device="cuda", dtype=torch.float64), torch.rand(2, device="cuda", dtype=torch.float64)
+    assert torch.equal(combine(x, y, a, b, fused=True, frames=True), combine(x, y, a, b, fused=True))
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 21, 90, 160), (2, 16, 5, 33, 17)], ids=["wan-720p", "odd-batch2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("threshold_mode", ["absolute", "per-element"])
+def test_apg_frame_mode_fused_equals_torch_path(shape, dtype, threshold_mode):
+    """Three steps of frame-mode APG with reverse momentum, the fused path against the torch path."""
+    config = APGConfig(threshold_mode=threshold_mode, video_mode="frame")
+    fused_state, torch_state = APGState(config.momentum), APGState(config.momentum)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    sizes = torch.logspace(-2, 0.5, shape[0] * shape[2], device="cuda").view(shape[0], 1, shape[2], 1, 1)
+    for sigma in (14.0, 3.0, 0.3):
+        cond = torch.randn(shape, device="cuda", generator=g)
+        uncond = (cond + torch.randn(shape, device="cuda", generator=g) * sizes).to(dtype)
+        cond = cond.to(dtype)
+        fused = apg_guided(cond, uncond, 9.0, config, fused_state, sigma, fused=True)
+        reference = apg_guided(cond, uncond, 9.0, config, torch_state, sigma, fused=False)
+        assert fused.dtype == dtype
+        assert rel_err(fused, reference) < (1e-6 if dtype == torch.float32 else 1e-2)

@@ -61,6 +61,9 @@ BAD_VALUES = [
     (APG, APG_NAME, {"sigma_end": -INF}, "sigma_end is -inf"),
     (APG, APG_NAME, {"eta": 2.0}, "eta is 2: enter a number between 0 and 1"),
     (APG, APG_NAME, {"sigma_start": 1.0, "sigma_end": 2.0}, "set sigma_start >= sigma_end"),
+    (APG, APG_NAME, {"threshold_mode": "relative"}, "threshold_mode is 'relative': choose one of absolute, per-element"),
+    (APG, APG_NAME, {"video_mode": "frames"}, "video_mode is 'frames': choose one of clip, frame"),
+    (APG, APG_NAME, {"threshold_mode": "per_element"}, "threshold_mode is 'per_element'"),
     (PAG, PAG_NAME, {"scale": NAN}, "scale is nan"),
     (PAG, PAG_NAME, {"adaptive_scale": INF}, "adaptive_scale is inf"),
     (PAG, PAG_NAME, {"sigma_start": 0.5, "sigma_end": 3.0}, "set sigma_start >= sigma_end"),
@@ -122,6 +125,15 @@ def test_good_values_still_run(comfy_server):
         assert entry["status"]["status_str"] == "success"
     entry = comfy_server.run_prompt(prompt_for(ELUCD, {"scale": 0.0, "softplus_beta": 0.0, "gamma": 0.0}))
     assert entry["status"]["status_str"] == "success"
+
+
+def test_apg_prompts_with_and_without_the_mode_inputs_run(comfy_server):
+    """An API prompt from before threshold_mode and video_mode (neither input present) still validates and runs, APG
+    acting at every step; so does one that sets them."""
+    assert "threshold_mode" not in APG_INPUTS and "video_mode" not in APG_INPUTS
+    for changes in ({}, {"threshold_mode": "per-element", "video_mode": "frame"}):
+        entry = comfy_server.run_prompt(reference_prompt(APG, APG_INPUTS | changes))
+        assert entry["status"]["status_str"] == "success", entry["status"]
 
 
 # Adapter guidance distillation: Apply (a model patch, before the KSampler) and Train (an output node of its own) -----
