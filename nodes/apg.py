@@ -31,7 +31,7 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "norm_threshold", default=defaults.norm_threshold, min=0.0, max=100.0, step=0.1,
-                    tooltip="r: the guidance update is rescaled to at most this L2 norm per image. 0 disables. "
+                    tooltip="r: the guidance update is rescaled to at most this L2 norm per image (per latent frame with video_mode=frame; scaled by sqrt(n/65536) with threshold_mode=per-element). 0 disables. "
                     "Paper value for SDXL latents: 15; lower values guide more gently.",
                 ),
                 io.Float.Input(
