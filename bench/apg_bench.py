@@ -289,11 +289,6 @@ def bandwidth(pack, latent: Latent, peak: float) -> dict:
                                                      for p in latent.pairs], reps=GRAPH_REPS)
             graph[f"combine_{mode}"] = graph_ms([primitive(projection, kernel + "combine", latent, p)
                                                  for p in latent.pairs], reps=GRAPH_REPS)
-            # the two kernels of sample_dots apart: the Triton reduction to partials, and torch's float64 sum of them
-            graph[f"dots_partials_{mode}"] = graph_ms([lambda p=p, f=frames: tp.dots_partials(*p, f)
-                                                       for p in latent.pairs], reps=GRAPH_REPS)
-            partials = [tp.dots_partials(*p, frames) for p in latent.pairs]
-            graph[f"partials_sum_{mode}"] = graph_ms([lambda q=q: q.sum(dim=1) for q in partials], reps=GRAPH_REPS)
         # a copy of one latent (x read, the copy written), rotating like the primitives: what these sizes allow
         targets = [torch.empty_like(cond) for _ in latent.pairs]
         graph["copy_latent"] = graph_ms([lambda p=p, t=t: t.copy_(p[0]) for p, t in zip(latent.pairs, targets)],
@@ -389,10 +384,8 @@ def markdown(result: dict) -> str:
                      f"{r['rel_err_vs_float64']:.1e} | {tuning_name(r['tuning'])} |")
     g, e = b["graph_replay_ms"], b["eager_ms"]
     lines += ["",
-              "`sample_dots` is two kernels: the Triton reduction to per-program partials and torch's float64 sum of "
-              "them. Apart (graph replay): "
-              + "; ".join(f"{mode}: reduction {g[f'dots_partials_{mode}'] * 1000:.1f} µs + sum "
-                          f"{g[f'partials_sum_{mode}'] * 1000:.1f} µs" for mode in ("clip", "frame")) + ".", "",
+              "`sample_dots` is one launch: each program's partial sums, and the group's last program (elected by "
+              "an atomic ticket) adds them in float64 in program order.", "",
               "The whole APG op (difference, momentum, dots, coefficients with a finiteness check, combine), eager: "
               + "; ".join(f"{mode} {e[f'apg_op_{mode}_fused']:.3f} ms fused, {e[f'apg_op_{mode}_torch']:.3f} ms torch"
                           for mode in ("clip", "frame")) + ".", ""]

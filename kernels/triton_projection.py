@@ -1,9 +1,9 @@
 """Fused CUDA paths of `kernels/projection.py`, in Triton.
 
-`sample_dots_triton` reads x and y once and produces all three per-group inner products: each program reduces a
-strided share of one group in float32 and writes its partial sums (as float64, an exact widening); torch adds the
-partials in float64, so the result does not depend on scheduling (no atomics). `combine_triton` is one read of x and
-y and one write.
+`sample_dots_triton` reads x and y once and produces all three per-group inner products in one launch: each program
+reduces a strided share of one group in float32 and writes its partial sums (as float64, an exact widening), then
+draws a ticket; the group's last program adds the partials in float64 in program order. Only the ticket is atomic, so
+the result does not depend on scheduling. `combine_triton` is one read of x and y and one write.
 Inputs are made contiguous and viewed as [B, N]; per frame, a 5-D latent is viewed as [B, C, T, H·W] and each
 (sample, frame) group gathers its C rows of H·W (one pass still, the partial sums per group; where H·W is a multiple
 of 16 the compiler proves the runs contiguous and loads 16 bytes at a time, as in the per-sample kernels).
@@ -25,8 +25,8 @@ class Tuning(NamedTuple):
 
 # Per kernel, the fastest candidate of `python bench/apg_bench.py --sweep` on an H200 (graph-replay timings of every
 # candidate on the Wan 2.1 720p latent in float32: bench/results/apg_bench.md). The reductions keep enough loads in
-# flight to fill the memory system for batch 1 and few enough programs that the float64 sum of the partials stays
-# a small kernel; the top few candidates of each kernel lie within about 0.3 µs (2%) of one another.
+# flight to fill the memory system for batch 1 and few enough programs that the last program's sum of the partials
+# stays short; the top few candidates of each kernel lie within about 0.3 µs (2%) of one another.
 TUNING = {
     "dots": Tuning(2048, 8, 4),
     "frame_dots": Tuning(4096, 8, 2),
@@ -36,10 +36,16 @@ TUNING = {
 
 
 @triton.jit
-def _sample_dots_kernel(x_ptr, y_ptr, partial_ptr, n, programs, BLOCK: tl.constexpr):
-    sample = tl.program_id(0)
+def _dots_kernel(x_ptr, y_ptr, partial_ptr, ticket_ptr, out_ptr, channels, frames, hw, programs,
+                 BLOCK: tl.constexpr, PROGRAMS: tl.constexpr, PER_FRAME: tl.constexpr):
+    """One program's strided share of one group's ⟨x,x⟩, ⟨x,y⟩, ⟨y,y⟩; the group's last program to finish adds the
+    shares. Per sample (PER_FRAME false) a group is a row of n = hw elements (channels = frames = 1); per frame it is
+    the C rows of H·W of one (sample, frame) of the [B, C, T, H·W] view."""
+    group = tl.program_id(0)  # sample · frames + frame
     part = tl.program_id(1)
-    base = sample.to(tl.int64) * n
+    sample = (group // frames).to(tl.int64)
+    frame = group % frames
+    n = channels * hw
     offsets = tl.arange(0, BLOCK)
     xx = tl.zeros([BLOCK], dtype=tl.float32)
     xy = tl.zeros([BLOCK], dtype=tl.float32)
@@ -47,15 +53,33 @@ def _sample_dots_kernel(x_ptr, y_ptr, partial_ptr, n, programs, BLOCK: tl.conste
     for start in range(part * BLOCK, n, programs * BLOCK):
         idx = start + offsets
         mask = idx < n
-        x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        if PER_FRAME:
+            channel = idx // hw
+            address = ((sample * channels + channel) * frames + frame) * hw + (idx - channel * hw)
+            x = tl.load(x_ptr + address, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + address, mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + sample * n + idx, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + sample * n + idx, mask=mask, other=0.0).to(tl.float32)
         xx += x * x
         xy += x * y
         yy += y * y
-    out = partial_ptr + (sample * programs + part) * 3
-    tl.store(out, tl.sum(xx, axis=0).to(tl.float64))  # the float32 partial, exactly, in the float64 buffer
-    tl.store(out + 1, tl.sum(xy, axis=0).to(tl.float64))
-    tl.store(out + 2, tl.sum(yy, axis=0).to(tl.float64))
+    slot = partial_ptr + (group * programs + part) * 3
+    tl.store(slot, tl.sum(xx, axis=0).to(tl.float64))  # the float32 partial, exactly, in the float64 buffer
+    tl.store(slot + 1, tl.sum(xy, axis=0).to(tl.float64))
+    tl.store(slot + 2, tl.sum(yy, axis=0).to(tl.float64))
+    # Every thread's stores before the ticket; the ticket's release makes them visible to the program that draws
+    # the last one, whose acquire (and L2-only loads) sees them all.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + group, 1, sem="acq_rel", scope="gpu")
+    if ticket == programs - 1:
+        rows = tl.arange(0, PROGRAMS)
+        valid = rows < programs
+        shares = partial_ptr + (group * programs + rows) * 3
+        for k in tl.static_range(3):
+            values = tl.load(shares + k, mask=valid, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + group * 3 + k, tl.sum(values, axis=0))  # float64, always in the same order
+        tl.store(ticket_ptr + group, 0)  # ready for the next call on this stream
 
 
 @triton.jit
@@ -70,33 +94,6 @@ def _combine_kernel(x_ptr, y_ptr, a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr)
     x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + base + idx, (a * x + b * y).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _frame_dots_kernel(x_ptr, y_ptr, partial_ptr, channels, frames, hw, programs, BLOCK: tl.constexpr):
-    group = tl.program_id(0)  # sample · frames + frame
-    part = tl.program_id(1)
-    sample = (group // frames).to(tl.int64)
-    frame = group % frames
-    n = channels * hw
-    offsets = tl.arange(0, BLOCK)
-    xx = tl.zeros([BLOCK], dtype=tl.float32)
-    xy = tl.zeros([BLOCK], dtype=tl.float32)
-    yy = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(part * BLOCK, n, programs * BLOCK):
-        idx = start + offsets
-        mask = idx < n
-        channel = idx // hw
-        address = ((sample * channels + channel) * frames + frame) * hw + (idx - channel * hw)
-        x = tl.load(x_ptr + address, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + address, mask=mask, other=0.0).to(tl.float32)
-        xx += x * x
-        xy += x * y
-        yy += y * y
-    out = partial_ptr + (group * programs + part) * 3
-    tl.store(out, tl.sum(xx, axis=0).to(tl.float64))  # the float32 partial, exactly, in the float64 buffer
-    tl.store(out + 1, tl.sum(xy, axis=0).to(tl.float64))
-    tl.store(out + 2, tl.sum(yy, axis=0).to(tl.float64))
 
 
 @triton.jit
@@ -136,34 +133,38 @@ def _programs(x: torch.Tensor, groups: int, blocks: int, programs_per_sm: int) -
     return triton.cdiv(blocks, triton.cdiv(blocks, target))
 
 
-def dots_partials(x: torch.Tensor, y: torch.Tensor, frames: bool = False) -> torch.Tensor:
-    """[groups, programs, 3]: each program's partial ⟨x,x⟩, ⟨x,y⟩, ⟨y,y⟩ of its share of a group, summed in
-    float32 and stored as float64 (exactly), so that torch adds them in float64 in one kernel (a float32 buffer
-    would cost a cast kernel before the sum)."""
+# Per (device, stream): int32 tickets, one per group, zero between calls (each group's last program resets its own),
+# so no call pays a launch to clear them; calls on one stream run one after another and never share them.
+_TICKETS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _tickets(x: torch.Tensor, groups: int) -> torch.Tensor:
+    key = (_device_index(x), torch.cuda.current_stream(x.device).cuda_stream) if x.is_cuda else (-1, 0)
+    tickets = _TICKETS.get(key)
+    if tickets is None or tickets.numel() < groups:
+        tickets = _TICKETS[key] = torch.zeros(max(groups, 64), device=x.device, dtype=torch.int32)
+    return tickets
+
+
+def sample_dots_triton(x: torch.Tensor, y: torch.Tensor, frames: bool = False) -> torch.Tensor:
+    """[groups, 3] float64: ⟨x,x⟩, ⟨x,y⟩, ⟨y,y⟩ per sample, or per (sample, frame) of a 5-D latent when `frames`."""
     if frames:
         batch, channels, count = x.shape[:3]
         hw = x[0, 0, 0].numel()
         xf, yf = x.contiguous(), y.contiguous()
         tuning = TUNING["frame_dots"]
-        groups = batch * count
-        programs = _programs(x, groups, triton.cdiv(channels * hw, tuning.block), tuning.programs_per_sm)
-        partial = torch.empty(groups, programs, 3, device=x.device, dtype=torch.float64)
-        _frame_dots_kernel[(groups, programs)](xf, yf, partial, channels, count, hw, programs, BLOCK=tuning.block,
-                                               num_warps=tuning.num_warps)
-        return partial
-    xf, yf = _flat(x), _flat(y)
-    batch, n = xf.shape
-    tuning = TUNING["dots"]
-    programs = _programs(x, batch, triton.cdiv(n, tuning.block), tuning.programs_per_sm)
-    partial = torch.empty(batch, programs, 3, device=x.device, dtype=torch.float64)
-    _sample_dots_kernel[(batch, programs)](xf, yf, partial, n, programs, BLOCK=tuning.block,
-                                           num_warps=tuning.num_warps)
-    return partial
-
-
-def sample_dots_triton(x: torch.Tensor, y: torch.Tensor, frames: bool = False) -> torch.Tensor:
-    """[groups, 3] float64: per sample, or per (sample, frame) of a 5-D latent when `frames`."""
-    return dots_partials(x, y, frames).sum(dim=1)
+    else:
+        xf, yf = _flat(x), _flat(y)
+        batch, channels, count, hw = xf.shape[0], 1, 1, xf.shape[1]
+        tuning = TUNING["dots"]
+    groups = batch * count
+    programs = _programs(x, groups, triton.cdiv(channels * hw, tuning.block), tuning.programs_per_sm)
+    partial = torch.empty(groups, programs, 3, device=x.device, dtype=torch.float64)
+    out = torch.empty(groups, 3, device=x.device, dtype=torch.float64)
+    _dots_kernel[(groups, programs)](xf, yf, partial, _tickets(x, groups), out, channels, count, hw, programs,
+                                     BLOCK=tuning.block, PROGRAMS=triton.next_power_of_2(programs),
+                                     PER_FRAME=frames, num_warps=tuning.num_warps)
+    return out
 
 
 def combine_triton(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

@@ -159,3 +159,55 @@ def test_apg_frame_mode_fused_equals_torch_path(shape, dtype, threshold_mode):
         reference = apg_guided(cond, uncond, 9.0, config, torch_state, sigma, fused=False)
         assert fused.dtype == dtype
         assert rel_err(fused, reference) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+# One launch per sample_dots: the group's last program (by an atomic ticket) adds the partials -----------------------
+
+from comfyui_guidance.kernels import triton_projection  # noqa: E402
+
+# per sample and per frame, a few groups and more groups than the first ticket buffer holds (8 · 40 = 320 frames)
+TICKET_CASES = [((2, 16, 21, 60, 104), False), ((2, 16, 21, 60, 104), True), ((8, 4, 40, 8, 8), True)]
+
+
+@pytest.mark.parametrize("shape,frames", TICKET_CASES, ids=["clip", "frame", "320-frames"])
+def test_fused_dots_are_bitwise_repeatable_and_leave_the_tickets_at_zero(shape, frames):
+    x, y = frame_pair(shape, torch.float32, seed=3)
+    first = sample_dots(x, y, fused=True, frames=frames)
+    assert_dots_close(first, sample_dots(x, y, fused=False, frames=frames), 1e-5)
+    for _ in range(20):  # whichever program finishes last, the sum runs in the same order
+        assert torch.equal(sample_dots(x, y, fused=True, frames=frames), first)
+    torch.cuda.synchronize()
+    assert all(int(t.abs().sum()) == 0 for t in triton_projection._TICKETS.values())
+
+
+def test_fused_dots_on_two_streams_at_once():
+    """Calls queued on two streams overlap on the GPU; each stream has its own tickets, so neither sees the other's."""
+    pairs = [frame_pair((1, 16, 21, 90, 160), torch.float32, seed=s) for s in (4, 5)]
+    expected = [sample_dots(x, y, fused=False, frames=True) for x, y in pairs]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    results = [[], []]
+    for _ in range(10):
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                results[i].append(sample_dots(*pairs[i], fused=True, frames=True))
+    torch.cuda.synchronize()
+    for got, want in zip(results, expected):
+        for r in got:
+            assert_dots_close(r, want, 1e-5)
+
+
+@pytest.mark.parametrize("frames", [False, True], ids=["clip", "frame"])
+def test_fused_dots_replay_in_a_cuda_graph(frames):
+    """Captured once and replayed on new inputs (the tickets reset within each replay), as compiled samplers run."""
+    x, y = frame_pair((2, 16, 9, 30, 52), torch.float32, seed=6)
+    sample_dots(x, y, fused=True, frames=frames)  # compiled and the tickets made outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sample_dots(x, y, fused=True, frames=frames)
+    for seed in (7, 8, 9):
+        new_x, new_y = frame_pair(x.shape, torch.float32, seed=seed)
+        x.copy_(new_x)
+        y.copy_(new_y)
+        graph.replay()
+        assert_dots_close(captured, sample_dots(new_x, new_y, fused=False, frames=frames), 1e-5)
