@@ -22,6 +22,12 @@ pixel values) is also taken on the images at their own size, where it means the 
 that one. APG's rescale factor s = min(1, cap/‖ΔD‖) of every sample at every step is recorded by observing the
 pack's `rescale_factor` (the mean s and the share of capped updates say how hard the cap binds at each size).
 
+--weights chooses the model. The shipped one is trained at 32² only, so 64² is outside its training (its unguided
+FD rises twentyfold there: bench/results/apg_resolution.md). A fair comparison needs a model valid at both sizes: the
+two-size model (reference/train.py's docstring: the shipped model fine-tuned with every other batch at 64², each image
+resized from its 32² form) gives bench/results/apg_resolution_two_size.md. The report names the weights and, from
+their metadata, the command that made them.
+
 Summary, for each w and metric: |metric(64²) − metric(32²)| of each method ('gap'), and the same for the guidance
 effect, metric(w) − metric(w = 1) at each size ('effect gap': what is left once the model's own change between 32²
 and 64², seen in the unguided sample, is taken out). Verdict per metric, from the mean effect gap E over the scales:
@@ -30,7 +36,8 @@ metric_32(1)|), else it 'drifts'; and per-element follows 32² 'more closely' th
 CLOSER_RATIO times absolute's (the reverse likewise), else 'no clear difference'.
 
     python bench/apg_resolution_bench.py --comfyui COMFYUI_DIR --data DATA_DIR --out OUT_DIR --commit SHA
-        [--scales 2,3,5,8,12] [--sizes 32,64] [--per-class 100] [--batch 500] [--device cuda|cpu] [--smoke]
+        [--weights FILE] [--name NAME] [--scales 2,3,5,8,12] [--sizes 32,64] [--per-class 100] [--batch 500]
+        [--device cuda|cpu] [--smoke]
     python bench/apg_resolution_bench.py --comfyui COMFYUI_DIR --data DATA_DIR --out OUT_DIR --add-real-row
         (adds the real train subsample's row to OUT_DIR's report: the GPU run may lack the train split)
 
@@ -295,6 +302,20 @@ def mechanism_lines(report) -> list:
     return lines
 
 
+def weights_line(record: dict) -> str:
+    """Which diffusion weights made the report: the shipped 32² model, or a model trained at several sizes with the
+    command in its metadata."""
+    meta = record.get("metadata") or {}
+    name = pathlib.Path(record["path"]).name
+    sizes = meta.get("sizes", "32")
+    if "," not in sizes:
+        return (f"Diffusion weights: `{name}` (SHA-256 {record['sha256'][:12]}…), trained at 32² only: 64² is outside "
+                "its training.")
+    return (f"Diffusion weights: `{name}` (SHA-256 {record['sha256'][:12]}…), trained at {sizes.replace(',', '² and ')}² "
+            f"({meta.get('steps', '?')} steps on {meta.get('train_images', '?')} training images): "
+            f"`{meta.get('command', '?')}`.")
+
+
 def markdown(report) -> str:
     args = report["args"]
     abs_cfg, pe_cfg = report["apg"]["absolute"], report["apg"]["per_element"]
@@ -306,6 +327,7 @@ def markdown(report) -> str:
              + (f" Real (train subsample) row: `{report['real_row_run']['command']}`; "
                 f"{report['real_row_run']['device']}, {report['real_row_run']['date']}."
                 if report.get("real_row_run") else ""), "",
+             weights_line(report["weights"]["diffusion"]), "",
              f"Reference model, {report['images']} images per setting ({args['per_class']} per class, 'all classes'), "
              f"{args['sampler']}/{args['scheduler']}, {args['steps']} steps, the same noise (seed {args['seed']}) for "
              f"every setting of a size. APG absolute: reference_eval's apg_r2.5 (η {abs_cfg['eta']:g}, r "
@@ -380,6 +402,8 @@ def markdown(report) -> str:
                     f"{m['mean_of_capped_gap']:.3f} | {', '.join(f'{g:.2f}×' for g in m['rms_growth'])} |")
             lines += ["", f"The cap binds more alike at {small}² and {large}² with: {cap['closer']} (per-element's "
                       f"mean gap of mean s is {cap['per_element_over_absolute']:.2f}× absolute's).", ""]
+        growth = [g * large / small for m in ("apg_absolute", "apg_per_element") for g in cap.get(m, {}).get(
+            "rms_growth", [])] or [math.nan]
         follows = {method: [key for key, e in s["metrics"].items() if e["methods"].get(method, {}).get("follows")]
                    for method in METHODS}
         lines += ["## Verdict", "",
@@ -392,10 +416,9 @@ def markdown(report) -> str:
                   f"on {c['absolute']}, neither on {c['neither']}. "
                   + (f"The cap itself binds {'more' if cap['closer'] == 'per-element' else 'not more'} alike with "
                      f"per-element (mean s gap {cap['apg_per_element']['mean_of_mean_scale_gap']:.3f} against "
-                     f"{cap['apg_absolute']['mean_of_mean_scale_gap']:.3f}); what is left is ‖ΔD‖'s RMS per element, "
-                     f"which grows {min(cap['apg_per_element']['rms_growth'] + cap['apg_absolute']['rms_growth']):.2f}"
-                     f"–{max(cap['apg_per_element']['rms_growth'] + cap['apg_absolute']['rms_growth']):.2f}× from "
-                     f"{small}² to {large}² on this model, which per-element does not (and is not meant to) undo."
+                     f"{cap['apg_absolute']['mean_of_mean_scale_gap']:.3f}). From {small}² to {large}² the median "
+                     f"‖ΔD‖ grows {min(growth):.2f}–{max(growth):.2f}× on this model: absolute's cap assumes 1×, "
+                     f"per-element's {math.sqrt(large * large / (small * small)):.2f}× (its RMS per element unchanged)."
                      if "closer" in cap else ""), ""]
     return "\n".join(lines)
 

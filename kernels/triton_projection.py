@@ -29,8 +29,8 @@ class Tuning(NamedTuple):
 # stays short; the top few candidates of each kernel lie within about 0.3 µs (2%) of one another.
 TUNING = {
     "dots": Tuning(2048, 8, 4),
-    "frame_dots": Tuning(4096, 8, 2),
-    "combine": Tuning(512, 4),
+    "frame_dots": Tuning(2048, 8, 4),
+    "combine": Tuning(1024, 8),
     "frame_combine": Tuning(512, 4),
 }
 

@@ -7,6 +7,14 @@ The defaults are the settings that made the shipped weights (seed 0); the diffus
 written as reference/weights/fashion_diffusion.safetensors and fashion_classifier.safetensors (float16), and the
 same training's EMA weights at step --weak-at as fashion_weak_diffusion.safetensors, the weak model for autoguidance
 (`--weak-only` trains just that far and writes just that file; it made the shipped one).
+
+A model valid at two sizes (bench/apg_resolution_bench.py compares guidance at 32² and 64² on one): fine-tune the
+shipped model with every other batch at 64², each image resized (bilinear) from its 32² form, so that both sizes hold
+the same picture; it is not shipped, the bench's report names the command that made it:
+
+    python reference/train.py --comfyui COMFYUI_DIR --data DATA_DIR --out OUT --name fashion_diffusion_32_64 \
+        --init reference/weights/fashion_diffusion.safetensors --sizes 32,64 --steps 3000 --lr 2e-4 --warmup 100 \
+        --weak-at 0 --skip-classifier
 """
 
 import argparse
@@ -39,6 +47,14 @@ def parse_args():
                    "model for autoguidance (fashion_weak_diffusion.safetensors); 0: none")
     p.add_argument("--weak-only", action="store_true", help="train only up to --weak-at and write only the weak model "
                    "(the learning rate is constant after warm-up, so this is the same training stopped early)")
+    p.add_argument("--sizes", default="32", help="image sizes, comma-separated: the batches take them in turn, each of "
+                   "--batch·(32/size)² images (the same pixels per step), the images resized (bilinear) from 32²")
+    p.add_argument("--init", default="", help="start from this weights file (UNet and class tokens), not from random "
+                   "weights")
+    p.add_argument("--name", default="fashion_diffusion", help="the diffusion weights' file name in --out, without "
+                   ".safetensors")
+    p.add_argument("--max-seconds", type=float, default=0, help="stop after this much training time (the file records "
+                   "the steps made); 0: no limit")
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the UNet (the small UNet is launch-bound)")
     return p.parse_args()
@@ -66,15 +82,35 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return torch.where(flip, x.flip(-1), x)
 
 
+def batch_sizes(args) -> list[tuple[int, int]]:
+    """(image size, images per batch) of each batch in turn: the same number of pixels at every size."""
+    from reference.data import RESOLUTION
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    return [(s, max(1, args.batch * RESOLUTION**2 // s**2)) for s in sizes]
+
+
 def train_diffusion(args, images, labels, num_classes, device):
+    from reference.data import RESOLUTION
     from reference.model import build_base_model, class_tokens_parameter, initialise_for_training
 
     model = build_base_model(device=device, dtype=torch.float32)
-    initialise_for_training(model)
-    model.diffusion_model.train()
-    if not args.no_compile:
-        model.diffusion_model.compile()
     tokens = class_tokens_parameter(num_classes, device)
+    if args.init:
+        from safetensors.torch import load_file
+
+        state = load_file(args.init, device=str(device))
+        model.diffusion_model.load_state_dict({k[len("diffusion_model."):]: v.float() for k, v in state.items()
+                                               if k.startswith("diffusion_model.")})
+        with torch.no_grad():
+            tokens.copy_(state["class_tokens"].float())
+    else:
+        initialise_for_training(model)
+    model.diffusion_model.train()
+    # Compiled for one size only: ComfyUI's UNet compiles in pieces (graph breaks), and every piece recompiles for
+    # every shape, which at two sizes runs into torch's recompile limit and costs more than it saves.
+    if not args.no_compile and len(batch_sizes(args)) == 1:
+        model.diffusion_model.compile()
     params = list(model.diffusion_model.parameters()) + [tokens]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -85,11 +121,15 @@ def train_diffusion(args, images, labels, num_classes, device):
     start = time.time()
     weak = None
     steps = args.weak_at if args.weak_only else args.steps
+    schedule = batch_sizes(args)
     for step in range(steps):
-        idx = torch.randint(0, images.shape[0], (args.batch,), device=device, generator=g)
+        size, batch = schedule[step % len(schedule)]
+        idx = torch.randint(0, images.shape[0], (batch,), device=device, generator=g)
         x0 = augment(to_model_space(images[idx]))
-        y = torch.where(torch.rand(args.batch, device=device, generator=g) < args.uncond_prob, null, labels[idx])
-        sigma = sigmas[torch.randint(0, sigmas.shape[0], (args.batch,), device=device, generator=g)]
+        if size != RESOLUTION:
+            x0 = torch.nn.functional.interpolate(x0, size=(size, size), mode="bilinear", align_corners=False)
+        y = torch.where(torch.rand(batch, device=device, generator=g) < args.uncond_prob, null, labels[idx])
+        sigma = sigmas[torch.randint(0, sigmas.shape[0], (batch,), device=device, generator=g)]
         noise = torch.randn(x0.shape, device=device, generator=g)
         x = x0 + noise * sigma.view(-1, 1, 1, 1)
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -110,6 +150,10 @@ def train_diffusion(args, images, labels, num_classes, device):
             print(f"diffusion step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
         if step + 1 == args.weak_at:
             weak = ema_state(model, ema)
+        if args.max_seconds and time.time() - start > args.max_seconds:
+            print(f"stopped by --max-seconds after step {step}", flush=True)
+            break
+    args.steps_done = step + 1
     return (None if args.weak_only else ema_state(model, ema)), weak, time.time() - start
 
 
@@ -167,23 +211,25 @@ def main():
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    folder = ensure_fashion_mnist(pathlib.Path(args.data))
+    classifier = not args.skip_classifier and not args.weak_only
+    folder = ensure_fashion_mnist(pathlib.Path(args.data), ("train", "test") if classifier else ("train",))
     train_x, train_y = (torch.from_numpy(a).to(device) for a in load_split(folder, "train"))
-    test_x, test_y = (torch.from_numpy(a).to(device) for a in load_split(folder, "test"))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "reference/train.py"] + sys.argv[1:])
-    meta = {"class_names": ",".join(CLASS_NAMES), "seed": str(args.seed), "command": command,
+    meta = {"class_names": ",".join(CLASS_NAMES), "seed": str(args.seed), "command": command, "sizes": args.sizes,
+            "train_images": str(len(train_x)),
             "data": "Fashion-MNIST from Debian package dataset-fashion-mnist 0.0~git20200523.55506a9-1 (MIT)"}
     state, weak, seconds = train_diffusion(args, train_x, train_y, len(CLASS_NAMES), device)
     if state is not None:
-        save_file(state, out / "fashion_diffusion.safetensors", metadata=dict(meta, steps=str(args.steps), train_seconds=f"{seconds:.0f}"))
+        save_file(state, out / f"{args.name}.safetensors", metadata=dict(meta, steps=str(args.steps_done), train_seconds=f"{seconds:.0f}"))
     if weak is not None:
         # Autoguidance's weak model (Karras et al. 2024): the same model and training, stopped early.
         save_file(weak, out / "fashion_weak_diffusion.safetensors",
                   metadata=dict(meta, steps=str(args.weak_at), of_steps=str(args.steps), role="weak model for autoguidance"))
     report = {"diffusion_train_seconds": seconds, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "command": command}
-    if not args.skip_classifier and not args.weak_only:
+    if classifier:
+        test_x, test_y = (torch.from_numpy(a).to(device) for a in load_split(folder, "test"))
         cstate, accuracy = train_classifier(args, train_x, train_y, test_x, test_y, len(CLASS_NAMES), device)
         save_file(cstate, out / "fashion_classifier.safetensors", metadata=dict(meta, test_accuracy=f"{accuracy:.4f}"))
         report["classifier_test_accuracy"] = accuracy

@@ -2,10 +2,12 @@
 and training as the shipped one, stopped at step 1000 of 5000. The loader offers it, and it denoises real images it
 never saw worse than the full model at every noise level, which is what autoguidance needs from it."""
 
+import argparse
+
 import torch
 
 from reference.data import ensure_fashion_mnist, load_split
-from reference.train import to_model_space
+from reference.train import batch_sizes, to_model_space
 from test_reference_judge import DATA, metadata
 
 WEAK, FULL = "fashion_weak_diffusion.safetensors", "fashion_diffusion.safetensors"
@@ -36,3 +38,10 @@ def test_weak_model_loads_and_denoises_worse_than_the_full_model(comfy):
             errors[name].append(float((denoised - x0).square().mean()))
     assert all(w > f for w, f in zip(errors[WEAK], errors[FULL])), errors
     assert all(torch.isfinite(torch.tensor(errors[WEAK]))), errors
+
+
+def test_two_size_training_gives_every_batch_the_same_pixels():
+    """reference/train.py --sizes 32,64 (the two-size model of bench/apg_resolution_bench.py): 64² batches hold a
+    quarter of the images."""
+    assert batch_sizes(argparse.Namespace(sizes="32,64", batch=1024)) == [(32, 1024), (64, 256)]
+    assert batch_sizes(argparse.Namespace(sizes="32", batch=1024)) == [(32, 1024)]
