@@ -59,7 +59,9 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
                     "which was tuned on SDXL at 1024x1024; the same value binds harder on larger latents (2048x2048, "
                     "video clips) and less on smaller ones (SD1.5 at 512x512). per-element: the cap grows with the "
                     "square root of the latent's size relative to SDXL at 1024x1024, so one norm_threshold caps the "
-                    "same per-element (RMS) update at every resolution, model and clip length.",
+                    "same per-element (RMS) update at every resolution, model and clip length. Use absolute for "
+                    "SDXL at 1024x1024 and settings tuned there; per-element to carry a tuned value to another size or "
+                    "model, then check it there (the update does not scale exactly: README, 'Which threshold mode').",
                 ),
                 io.Combo.Input(
                     "video_mode", options=list(VIDEO_MODES), default=defaults.video_mode, optional=True,
