@@ -24,15 +24,21 @@ class Tuning(NamedTuple):
 
 
 # Per kernel, the fastest candidate of `python bench/apg_bench.py --sweep` on an H200 (graph-replay timings of every
-# candidate on the Wan 2.1 720p latent in float32: bench/results/apg_bench.md). The reductions keep enough loads in
-# flight to fill the memory system for batch 1 and few enough programs that the last program's sum of the partials
-# stays short; the top few candidates of each kernel lie within about 0.3 µs (2%) of one another.
+# candidate on the Wan 2.1 720p latent in float32: bench/results/apg_bench_sweep.md, swept before the three sums of
+# the reductions shared one reduction tree). The reductions keep enough loads in flight to fill the memory system for
+# batch 1 and few enough programs that the last program's sum of the partials stays short; the top few candidates of
+# each kernel lie within about 0.3 µs (2%) of one another.
 TUNING = {
     "dots": Tuning(2048, 8, 4),
     "frame_dots": Tuning(2048, 8, 4),
     "combine": Tuning(1024, 8),
     "frame_combine": Tuning(512, 4),
 }
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
 
 
 @triton.jit
@@ -64,10 +70,12 @@ def _dots_kernel(x_ptr, y_ptr, partial_ptr, ticket_ptr, out_ptr, channels, frame
         xx += x * x
         xy += x * y
         yy += y * y
+    # the three sums in one reduction tree (one exchange between warps, not three)
+    sxx, sxy, syy = tl.reduce((xx, xy, yy), 0, _add3)
     slot = partial_ptr + (group * programs + part) * 3
-    tl.store(slot, tl.sum(xx, axis=0).to(tl.float64))  # the float32 partial, exactly, in the float64 buffer
-    tl.store(slot + 1, tl.sum(xy, axis=0).to(tl.float64))
-    tl.store(slot + 2, tl.sum(yy, axis=0).to(tl.float64))
+    tl.store(slot, sxx.to(tl.float64))  # the float32 partial, exactly, in the float64 buffer
+    tl.store(slot + 1, sxy.to(tl.float64))
+    tl.store(slot + 2, syy.to(tl.float64))
     # Every thread's stores before the ticket; the ticket's release makes them visible to the program that draws
     # the last one, whose acquire (and L2-only loads) sees them all.
     tl.debug_barrier()
@@ -76,9 +84,13 @@ def _dots_kernel(x_ptr, y_ptr, partial_ptr, ticket_ptr, out_ptr, channels, frame
         rows = tl.arange(0, PROGRAMS)
         valid = rows < programs
         shares = partial_ptr + (group * programs + rows) * 3
-        for k in tl.static_range(3):
-            values = tl.load(shares + k, mask=valid, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + group * 3 + k, tl.sum(values, axis=0))  # float64, always in the same order
+        pxx = tl.load(shares, mask=valid, other=0.0, cache_modifier=".cg")
+        pxy = tl.load(shares + 1, mask=valid, other=0.0, cache_modifier=".cg")
+        pyy = tl.load(shares + 2, mask=valid, other=0.0, cache_modifier=".cg")
+        txx, txy, tyy = tl.reduce((pxx, pxy, pyy), 0, _add3)  # float64, always in the same order
+        tl.store(out_ptr + group * 3, txx)
+        tl.store(out_ptr + group * 3 + 1, txy)
+        tl.store(out_ptr + group * 3 + 2, tyy)
         tl.store(ticket_ptr + group, 0)  # ready for the next call on this stream
 
 
