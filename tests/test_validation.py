@@ -87,17 +87,21 @@ def prompt_for(node, changes):
     return reference_prompt(node, DEFAULT_INPUTS[node] | changes, GOOD_TARGETS if node == ELUCD else None)
 
 
-@pytest.mark.parametrize("node,name,changes,message", BAD_VALUES,
-                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, _, c, _ in BAD_VALUES])
-def test_bad_value_is_refused_at_queue_time(comfy_server, node, name, changes, message):
-    """/prompt answers 400 before anything runs; the node's error names the node, the input and the fix."""
-    status, body = comfy_server.request("/prompt", {"prompt": prompt_for(node, changes)})
+def assert_refused_at_queue_time(comfy_server, prompt, name, changes, message):
+    """/prompt answers 400 before anything runs; every error of the patch node (id 4) names the node and the fix, and
+    the errors name every changed input."""
+    status, body = comfy_server.request("/prompt", {"prompt": prompt})
     assert status == 400, body[:500]
-    reply = json.loads(body)
-    errors = reply["node_errors"]["4"]["errors"]
+    errors = json.loads(body)["node_errors"]["4"]["errors"]
     details = {e["details"] for e in errors}
     assert all(f"{name}: " in d and message in d for d in details), details
     assert set(changes) <= {e["extra_info"]["input_name"] for e in errors}
+
+
+@pytest.mark.parametrize("node,name,changes,message", BAD_VALUES,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, _, c, _ in BAD_VALUES])
+def test_bad_value_is_refused_at_queue_time(comfy_server, node, name, changes, message):
+    assert_refused_at_queue_time(comfy_server, prompt_for(node, changes), name, changes, message)
 
 
 @pytest.mark.parametrize("changes,message", BAD_TARGETS, ids=[str(c) for c, _ in BAD_TARGETS])
@@ -199,12 +203,7 @@ def agd_prompt_for(node, changes):
 @pytest.mark.parametrize("node,name,changes,message", AGD_BAD_VALUES,
                          ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, _, c, _ in AGD_BAD_VALUES])
 def test_agd_bad_value_is_refused_at_queue_time(comfy_server, agd_adapter_file, node, name, changes, message):
-    status, body = comfy_server.request("/prompt", {"prompt": agd_prompt_for(node, changes)})
-    assert status == 400, body[:500]
-    errors = json.loads(body)["node_errors"]["4"]["errors"]
-    details = {e["details"] for e in errors}
-    assert all(f"{name}: " in d and message in d for d in details), details
-    assert set(changes) <= {e["extra_info"]["input_name"] for e in errors}
+    assert_refused_at_queue_time(comfy_server, agd_prompt_for(node, changes), name, changes, message)
 
 
 def test_agd_good_values_run_and_cfg_is_checked_when_sampling(comfy_server, agd_adapter_file):
@@ -267,12 +266,7 @@ def frecas_prompt(changes):
 @pytest.mark.parametrize("changes,message", FRECAS_BAD_VALUES,
                          ids=["-".join(f"{k}={v}" for k, v in c.items()) for c, _ in FRECAS_BAD_VALUES])
 def test_frecas_bad_value_is_refused_at_queue_time(comfy_server, changes, message):
-    status, body = comfy_server.request("/prompt", {"prompt": frecas_prompt(changes)})
-    assert status == 400, body[:500]
-    errors = json.loads(body)["node_errors"]["4"]["errors"]
-    details = {e["details"] for e in errors}
-    assert all(f"{FRECAS_NAME}: " in d and message in d for d in details), details
-    assert set(changes) <= {e["extra_info"]["input_name"] for e in errors}
+    assert_refused_at_queue_time(comfy_server, frecas_prompt(changes), FRECAS_NAME, changes, message)
 
 
 def test_frecas_good_values_run(comfy_server):
@@ -376,12 +370,7 @@ def ppap_prompt_for(node, changes):
 @pytest.mark.parametrize("node,name,changes,message", PPAP_BAD_VALUES,
                          ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, _, c, _ in PPAP_BAD_VALUES])
 def test_ppap_bad_value_is_refused_at_queue_time(comfy_server, ppap_expert_file, node, name, changes, message):
-    status, body = comfy_server.request("/prompt", {"prompt": ppap_prompt_for(node, changes)})
-    assert status == 400, body[:500]
-    errors = json.loads(body)["node_errors"]["4"]["errors"]
-    details = {e["details"] for e in errors}
-    assert all(f"{name}: " in d and message in d for d in details), details
-    assert set(changes) <= {e["extra_info"]["input_name"] for e in errors}
+    assert_refused_at_queue_time(comfy_server, ppap_prompt_for(node, changes), name, changes, message)
 
 
 def test_ppap_unknown_expert_file_is_refused_at_queue_time(comfy_server, ppap_expert_file):
