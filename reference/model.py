@@ -101,13 +101,18 @@ def class_tokens_parameter(num_classes: int, device=None) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)
 
 
+def unet_state(state_dict: dict) -> dict:
+    """The UNet's tensors of a reference weights file, named as in `model.diffusion_model`."""
+    prefix = "diffusion_model."
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def load_reference(state_dict: dict, class_names: list[str]):
     """(ModelPatcher, class tokens) from a reference weights file's tensors, on ComfyUI's devices."""
     load_device = comfy.model_management.get_torch_device()
     dtype = comfy.model_management.unet_dtype(supported_dtypes=ReferenceConfig.supported_inference_dtypes)
     model = build_base_model(device=comfy.model_management.unet_offload_device(), dtype=dtype)
-    unet = {k[len("diffusion_model."):]: v for k, v in state_dict.items() if k.startswith("diffusion_model.")}
-    missing, unexpected = model.diffusion_model.load_state_dict(unet, strict=False)
+    missing, unexpected = model.diffusion_model.load_state_dict(unet_state(state_dict), strict=False)
     if missing or unexpected:
         raise ValueError(f"reference weights do not fit the reference UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
     tokens = state_dict["class_tokens"].float()

@@ -93,7 +93,7 @@ def batch_sizes(args) -> list[tuple[int, int]]:
 
 def train_diffusion(args, images, labels, num_classes, device):
     from reference.data import RESOLUTION
-    from reference.model import build_base_model, class_tokens_parameter, initialise_for_training
+    from reference.model import build_base_model, class_tokens_parameter, initialise_for_training, unet_state
 
     model = build_base_model(device=device, dtype=torch.float32)
     tokens = class_tokens_parameter(num_classes, device)
@@ -101,16 +101,16 @@ def train_diffusion(args, images, labels, num_classes, device):
         from safetensors.torch import load_file
 
         state = load_file(args.init, device=str(device))
-        model.diffusion_model.load_state_dict({k[len("diffusion_model."):]: v.float() for k, v in state.items()
-                                               if k.startswith("diffusion_model.")})
+        model.diffusion_model.load_state_dict({k: v.float() for k, v in unet_state(state).items()})
         with torch.no_grad():
             tokens.copy_(state["class_tokens"].float())
     else:
         initialise_for_training(model)
     model.diffusion_model.train()
+    schedule = batch_sizes(args)
     # Compiled for one size only: ComfyUI's UNet compiles in pieces (graph breaks), and every piece recompiles for
     # every shape, which at two sizes runs into torch's recompile limit and costs more than it saves.
-    if not args.no_compile and len(batch_sizes(args)) == 1:
+    if not args.no_compile and len(schedule) == 1:
         model.diffusion_model.compile()
     params = list(model.diffusion_model.parameters()) + [tokens]
     ema = [p.detach().clone() for p in params]
@@ -122,7 +122,7 @@ def train_diffusion(args, images, labels, num_classes, device):
     start = time.time()
     weak = None
     steps = args.weak_at if args.weak_only else args.steps
-    schedule = batch_sizes(args)
+    done = 0
     for step in range(steps):
         size, batch = schedule[step % len(schedule)]
         idx = torch.randint(0, images.shape[0], (batch,), device=device, generator=g)
@@ -151,11 +151,11 @@ def train_diffusion(args, images, labels, num_classes, device):
             print(f"diffusion step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
         if step + 1 == args.weak_at:
             weak = ema_state(model, ema)
+        done = step + 1
         if args.max_seconds and time.time() - start > args.max_seconds:
             print(f"stopped by --max-seconds after step {step}", flush=True)
             break
-    args.steps_done = step + 1
-    return (None if args.weak_only else ema_state(model, ema)), weak, time.time() - start
+    return (None if args.weak_only else ema_state(model, ema)), weak, done, time.time() - start
 
 
 def ema_state(model, ema) -> dict:
@@ -221,9 +221,9 @@ def main():
     meta = {"class_names": ",".join(CLASS_NAMES), "seed": str(args.seed), "command": command, "sizes": args.sizes,
             "train_images": str(len(train_x)),
             "data": "Fashion-MNIST from Debian package dataset-fashion-mnist 0.0~git20200523.55506a9-1 (MIT)"}
-    state, weak, seconds = train_diffusion(args, train_x, train_y, len(CLASS_NAMES), device)
+    state, weak, steps_done, seconds = train_diffusion(args, train_x, train_y, len(CLASS_NAMES), device)
     if state is not None:
-        save_file(state, out / f"{args.name}.safetensors", metadata=dict(meta, steps=str(args.steps_done), train_seconds=f"{seconds:.0f}"))
+        save_file(state, out / f"{args.name}.safetensors", metadata=dict(meta, steps=str(steps_done), train_seconds=f"{seconds:.0f}"))
     if weak is not None:
         # Autoguidance's weak model (Karras et al. 2024): the same model and training, stopped early.
         save_file(weak, out / "fashion_weak_diffusion.safetensors",
