@@ -263,9 +263,9 @@ def summarise(report) -> dict | None:
 
 def cap_summary(report, small, large, scales) -> dict:
     """How hard the cap binds at each size, per APG method: |mean s(large) − mean s(small)| and the same for the
-    capped share, per w; the growth of ‖ΔD‖'s RMS per element from small to large; which method's cap binds more
-    alike at the two sizes (the one with the smaller mean gap of mean s, where it is at most CLOSER_RATIO times the
-    other's)."""
+    capped share, per w; the growth of ‖ΔD‖'s median and of its RMS per element from small to large; which method's
+    cap binds more alike at the two sizes (the one with the smaller mean gap of mean s, where it is at most
+    CLOSER_RATIO times the other's)."""
     out = {}
     for method in ("apg_absolute", "apg_per_element"):
         pairs = [(find(report, small, method, w), find(report, large, method, w)) for w in scales]
@@ -279,7 +279,8 @@ def cap_summary(report, small, large, scales) -> dict:
                        "mean_scale_gap": scale_gap, "capped_gap": capped_gap,
                        "mean_of_mean_scale_gap": sum(scale_gap) / len(scale_gap),
                        "mean_of_capped_gap": sum(capped_gap) / len(capped_gap),
-                       "rms_growth": [b["median_rms_per_element"] / a["median_rms_per_element"] for a, b in pairs]}
+                       "rms_growth": [b["median_rms_per_element"] / a["median_rms_per_element"] for a, b in pairs],
+                       "norm_growth": [b["median_norm"] / a["median_norm"] for a, b in pairs]}
     if len(out) == 2:
         ga, gp = out["apg_absolute"]["mean_of_mean_scale_gap"], out["apg_per_element"]["mean_of_mean_scale_gap"]
         out["closer"] = ("per-element" if gp <= CLOSER_RATIO * ga else "absolute" if ga <= CLOSER_RATIO * gp
@@ -402,8 +403,7 @@ def markdown(report) -> str:
                     f"{m['mean_of_capped_gap']:.3f} | {', '.join(f'{g:.2f}×' for g in m['rms_growth'])} |")
             lines += ["", f"The cap binds more alike at {small}² and {large}² with: {cap['closer']} (per-element's "
                       f"mean gap of mean s is {cap['per_element_over_absolute']:.2f}× absolute's).", ""]
-        growth = [g * large / small for m in ("apg_absolute", "apg_per_element") for g in cap.get(m, {}).get(
-            "rms_growth", [])] or [math.nan]
+        growth = [g for m in ("apg_absolute", "apg_per_element") for g in cap.get(m, {}).get("norm_growth", [])]
         follows = {method: [key for key, e in s["metrics"].items() if e["methods"].get(method, {}).get("follows")]
                    for method in METHODS}
         lines += ["## Verdict", "",
@@ -418,7 +418,7 @@ def markdown(report) -> str:
                      f"per-element (mean s gap {cap['apg_per_element']['mean_of_mean_scale_gap']:.3f} against "
                      f"{cap['apg_absolute']['mean_of_mean_scale_gap']:.3f}). From {small}² to {large}² the median "
                      f"‖ΔD‖ grows {min(growth):.2f}–{max(growth):.2f}× on this model: absolute's cap assumes 1×, "
-                     f"per-element's {math.sqrt(large * large / (small * small)):.2f}× (its RMS per element unchanged)."
+                     f"per-element's {large / small:.2f}× (its RMS per element unchanged)."
                      if "closer" in cap else ""), ""]
     return "\n".join(lines)
 
