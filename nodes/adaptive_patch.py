@@ -46,7 +46,7 @@ import comfy.utils
 from ..guiders.adaptive import (AGConfig, AGState, LinearAGFit, denoised_from_noise, estimated_calls,
                                 linear_estimate, noise_direction, similarity, uncond_for_cfg)
 from ..guiders.saliency import latent_weights
-from .run_state import run_state
+from .run_state import reserve_run_state, run_state
 
 NODE_ID = "GuidanceAdaptiveGuidance"
 DISPLAY_NAME = "Adaptive Guidance (AG)"
@@ -63,6 +63,7 @@ def apply_ag(model, config: AGConfig, linear: "LinearAGCoefficients | None" = No
     """A clone of the ModelPatcher `model` with AG (and LinearAG estimates where `linear` is given); `mask` (a MASK,
     [B, H, W] or [H, W] in [0, 1]) weights the guidance per position (1 = the node as is, 0 = D_c)."""
     patched = model.clone()
+    reserve_run_state(patched)
     for earlier in patched.model_options.get("sampler_pre_cfg_function", []):
         if getattr(getattr(earlier, "__self__", None), "skips_unconditional_passes", False):
             # Two AG hooks would both decide which unconditional passes to skip, and the outer one's decisions

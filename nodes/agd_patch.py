@@ -25,6 +25,7 @@ import time
 import torch
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 
@@ -151,6 +152,14 @@ class AGDPatch:
                                 {name: i for i, name in enumerate(twin.adapters)})
         return self.copies[key]
 
+    def prepare_sampling_copy(self, patcher) -> None:
+        """Pre-run callback: the sampling copy for the device and dtype the model computes in, made before the first
+        model call, so that a compiled model (torch.compile) never meets the copying inside its compiled region (a
+        graph break) or a copy added between two calls (a recompilation)."""
+        model = patcher.model
+        dtype = model.manual_cast_dtype if model.manual_cast_dtype is not None else model.get_dtype()
+        self.sampling_copy(torch.empty(0, device=patcher.load_device, dtype=dtype))
+
     def add_adapter(self, n, extra_options):
         kind, block = extra_options["block"]
         name = f"{kind}_{block}_{extra_options.get('block_index', 0)}"
@@ -263,6 +272,7 @@ def apply_agd(model, adapters: AdapterSet, scale: float, base_check: str = "exac
     patched = model.clone()
     attach(patched, patch)
     patched.set_model_sampler_pre_cfg_function(patch.check_run)
+    patched.add_callback(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, patch.prepare_sampling_copy)
     return patched
 
 

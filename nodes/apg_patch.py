@@ -8,7 +8,7 @@ import torch
 
 from ..guiders.apg import APGConfig, APGState, apg_cfg_uncond
 from ..guiders.saliency import latent_weights
-from .run_state import run_state
+from .run_state import reserve_run_state, run_state
 
 NODE_ID = "AdaptiveProjectedGuidance"
 DISPLAY_NAME = "Adaptive Projected Guidance (APG)"
@@ -18,6 +18,7 @@ def apply_apg(model, config: APGConfig, mask: torch.Tensor | None = None):
     """A clone of the ModelPatcher `model` with APG at the sampler's CFG step; `mask` (a MASK, [B, H, W] in [0, 1])
     weights APG per position: 1 is APG, 0 the conditional prediction (no guidance)."""
     patched = model.clone()
+    reserve_run_state(patched)
     patched.set_model_sampler_pre_cfg_function(APGHook(config, mask))
     return patched
 

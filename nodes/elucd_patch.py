@@ -24,7 +24,7 @@ from ..guiders.elucd import (EluCDConfig, EluCDState, calibrated_log_prob, denoi
                              remaining_fraction, smooth_activations, step_position)
 from ..guiders.saliency import latent_weights
 from .classifier_patch import DEFAULT_CHUNK, ClassifierTargets, classifier_on_denoised
-from .run_state import run_state
+from .run_state import reserve_run_state, run_state
 
 NODE_ID = "GuidanceEluCD"
 DISPLAY_NAME = "EluCD Classifier Guidance"
@@ -39,6 +39,7 @@ def apply_elucd(model, targets: ClassifierTargets, config: EluCDConfig, vae=None
     classifier = classifier_on_denoised(targets.classifier, network, model, vae, DISPLAY_NAME, chunk)
     flow = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
     patched = model.clone()
+    reserve_run_state(patched)
     patched.set_model_sampler_post_cfg_function(EluCDHook(classifier, network, targets, config, flow, mask))
     return patched
 

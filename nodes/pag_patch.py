@@ -34,7 +34,7 @@ from comfy.ldm.modules import attention
 from ..guiders.pag import PAGConfig, identity_attention, pag_guided
 from ..guiders.saliency import latent_weights
 from .pag_layers import DIT_BLOCK_KEYS, Layer, select_layers
-from .run_state import run_state
+from .run_state import reserve_run_state, run_state
 
 NODE_ID = "GuidancePerturbedAttention"
 DISPLAY_NAME = "Perturbed-Attention Guidance (PAG)"
@@ -49,6 +49,7 @@ def apply_pag(model, config: PAGConfig, layers: str, batched: bool = True, mask:
     [B, H, W] in [0, 1]) weights PAG's term per position: 1 is PAG, 0 leaves the prediction without it."""
     chosen = select_layers(layers, model.get_model_object("diffusion_model"))
     patched = model.clone()
+    reserve_run_state(patched)
     hook = PAGHook(config, chosen, batched, patched.model_options.get("sampler_calc_cond_batch_function"), mask)
     patched.set_model_sampler_calc_cond_batch_function(hook.calc_cond_batch)
     patched.set_model_sampler_post_cfg_function(hook.post_cfg)
