@@ -23,6 +23,9 @@ from test_frontend_browser import browser, frontend, wait_for  # noqa: F401  (fi
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PAGES = sorted((REPO / HELP_PAGES).glob("*.md"))
 INFO_BUTTON = '[data-testid="info-button"]'
+# The frontend's own look-ups of other sites (1.49.6 asks huggingface.co about the start-up workflow's models), which
+# the page's content security policy blocks on this offline host: not the pack's.
+OFFLINE = "violates the following Content Security Policy directive"
 
 # Adds one node of the type to an empty graph, its title bar at window pixel (900, 450), clear of the side bar and
 # the help panel an earlier test left open; answers where to click on the title.
@@ -70,5 +73,5 @@ def test_node_info_shows_the_help_page(frontend, page):  # noqa: F811
             assert image["src"].startswith(f"/extensions/{PACK}/docs/"), image
         probe = re.compile(rf"/extensions/{PACK}/docs/{page.stem}/[\w-]+\.md .*\b404\b")  # docs/<node id>/<locale>.md
         problems = frontend.problems()
-        assert [problem for problem in problems if not probe.search(problem)] == [], problems
+        assert [problem for problem in problems if not probe.search(problem) and OFFLINE not in problem] == [], problems
         frontend.js("app.canvas.deselectAll(); app.graph.clear();")
