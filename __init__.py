@@ -4,6 +4,11 @@ The algorithms live in `guiders/` and `kernels/` (plain torch); `nodes/` wraps t
 happens only in `comfy_entrypoint`, so the algorithms can be imported and tested without a host.
 """
 
+# Served by ComfyUI at /extensions/<this folder>/: the nodes' help pages in docs/<node id>.md, which the frontend's
+# Node Info tab fetches. ComfyUI reads it from this module before it looks for comfy_entrypoint (nodes.py,
+# load_custom_node, 0.3.75 and 0.33.0 alike).
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes.extension import GuidanceExtension

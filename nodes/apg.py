@@ -61,7 +61,7 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
                     "square root of the latent's size relative to SDXL at 1024x1024, so one norm_threshold caps the "
                     "same per-element (RMS) update at every resolution, model and clip length. Use absolute for "
                     "SDXL at 1024x1024 and settings tuned there; per-element to carry a tuned value to another size or "
-                    "model, then check it there (the update does not scale exactly: README, 'Which threshold mode').",
+                    "model, then check it there (the update does not scale exactly: the node's help page, 'Which threshold mode').",
                 ),
                 io.Combo.Input(
                     "video_mode", options=list(VIDEO_MODES), default=defaults.video_mode, optional=True,

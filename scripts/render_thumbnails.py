@@ -1,47 +1,99 @@
-"""Renders the template browser's thumbnails: `workflows/<name>.jpg` beside each UI workflow, from that workflow's
-own output. One command, in the host that scripts/setup_host.sh builds:
+"""Renders the template browser's thumbnails: `workflows/<name>.jpg` beside each UI workflow. One command, in the host
+that scripts/setup_host.sh builds:
 
     bash scripts/render_thumbnails.sh                    # every workflow
     bash scripts/render_thumbnails.sh "<workflow name>"  # only these (file names without .json)
 
-Each API-format twin (`workflows/api/<name>.json`) is queued on a real ComfyUI server with this pack. The reference
-model's workflow runs as shipped (32x32, trained weights: real images); the SD workflows run on the tests' slim
-random-weight checkpoints at the tests' CPU size and step count (tests/test_e2e_server.py `shrunk`), so their images
-are noise-like but still what the graph makes. The thumbnail has one row per Save Image node, in node order.
+A reference-model workflow's API-format twin (`workflows/api/<name>.json`) is queued on a real ComfyUI server with
+this pack, as shipped (trained weights: real images); its thumbnail has one row per Save Image node, in node order, and
+is also the picture of the nodes' help pages (`web/docs/images/<slug>.jpg`). The weights of the other workflows'
+models (SD1.5, SDXL, SD3) are not here, and an output of random weights would show noise, so their thumbnail is a
+card: the workflow's method and model, and the same method's comparison on the reference model, labelled as such.
 """
 
 import argparse
 import io
 import json
 import pathlib
+import re
+import shutil
 import sys
 import tempfile
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from comfy_server import COMFY_ARGS, ComfyServer, link_pack
+from comfy_server import ComfyServer, link_pack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
+DOCS_IMAGES = REPO / "web" / "docs" / "images"
+REFERENCE_MODEL = "reference model"
 THUMBNAIL_SIZE = 256
 MAX_COLUMNS = 5
 BACKGROUND = (24, 24, 24)
+TEXT, ACCENT, MUTED = (240, 240, 240), (110, 170, 255), (170, 170, 170)
+CARD_MARGIN = 14
 # The longest a workflow may run: on a 2-core CPU the reference model's FreCaS workflow as shipped (30 steps of CFG at
 # 128x128 beside the FreCaS runs) takes over half an hour.
 RUN_TIMEOUT_S = 3 * 3600
 
 
-def write_fixture_checkpoints(comfyui: pathlib.Path, models: pathlib.Path):
-    """The tests' slim checkpoints (tests/slim_models.py, which needs ComfyUI imported as main.py does)."""
-    sys.path[:0] = [str(comfyui), str(REPO / "tests")]
-    sys.argv = ["main.py", *COMFY_ARGS]
-    import comfy.options
+def model_of(name: str) -> str:
+    """The model a workflow runs, from its file name: `<method> vs CFG (<model>)` or `<method> <task> (<model>)`."""
+    return name[name.rindex("(") + 1:-1]
 
-    comfy.options.enable_args_parsing()
-    import utils.extra_config  # noqa: F401  (before `nodes`, as in tests/conftest.py)
-    import slim_models
 
-    slim_models.write_checkpoints(models)
+def docs_image(name: str) -> pathlib.Path:
+    """Where a reference-model workflow's picture lives for the help pages (a name that needs no escaping in a link)."""
+    return DOCS_IMAGES / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".jpg")
+
+
+def reference_counterpart(name: str, names: list[str]) -> str | None:
+    """The reference-model comparison with CFG of the method that starts this workflow's name, if there is one."""
+    method = name.split()[0]
+    return next((other for other in sorted(names) if model_of(other) == REFERENCE_MODEL
+                 and other.split()[0] == method and " vs CFG " in other), None)
+
+
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not lines[-1]:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
+
+
+def card(name: str, reference: str | None) -> Image.Image:
+    """A designed thumbnail for a workflow whose model has no weights here: the method and model as text, and the
+    reference model's thumbnail of the same method, captioned as such (or a line saying there is none)."""
+    square = Image.new("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(square)
+    title, model = name[:name.rindex("(")].strip(), model_of(name)
+    font = ImageFont.load_default(size=20)
+    y = CARD_MARGIN
+    for line in _wrapped(draw, title, font, THUMBNAIL_SIZE - 2 * CARD_MARGIN):
+        draw.text((CARD_MARGIN, y), line, font=font, fill=TEXT)
+        y += 24
+    draw.text((CARD_MARGIN, y + 2), model, font=ImageFont.load_default(size=28), fill=ACCENT)
+    y += 40
+    small = ImageFont.load_default(size=12)
+    caption = ("The same method on the reference model:" if reference else
+               f"No reference-model workflow for this method; run it with your {model} checkpoint.")
+    for line in _wrapped(draw, caption, small, THUMBNAIL_SIZE - 2 * CARD_MARGIN):
+        draw.text((CARD_MARGIN, y), line, font=small, fill=MUTED)
+        y += 15
+    if reference:
+        inset = Image.open(WORKFLOWS / f"{reference}.jpg").convert("RGB")
+        # The thumbnail without its dark border (a threshold above JPEG's ringing), as large as the space left allows.
+        inset = inset.crop(inset.convert("L").point(lambda v: 255 if v > 2 * max(BACKGROUND) else 0).getbbox())
+        box = (THUMBNAIL_SIZE - 2 * CARD_MARGIN, THUMBNAIL_SIZE - CARD_MARGIN - y - 4)
+        scale = min(box[0] / inset.width, box[1] / inset.height)
+        inset = inset.resize((round(inset.width * scale), round(inset.height * scale)), Image.LANCZOS)
+        square.paste(inset, ((THUMBNAIL_SIZE - inset.width) // 2, y + 4))
+    return square
 
 
 def thumbnail(rows: list[list[Image.Image]]) -> Image.Image:
@@ -74,20 +126,27 @@ def main():
     if unknown:
         parser.error(f"no such workflow: {', '.join(sorted(unknown))}")
     apis = [api for api in apis if not args.names or api.stem in args.names]
-    comfyui = pathlib.Path(args.comfyui)
+    names = [api.stem for api in sorted((WORKFLOWS / "api").glob("*.json"))]
+    rendered = [api for api in apis if model_of(api.stem) == REFERENCE_MODEL]
+    if rendered:
+        render(rendered, pathlib.Path(args.comfyui))
+    for api in apis:
+        if model_of(api.stem) != REFERENCE_MODEL:
+            target = WORKFLOWS / f"{api.stem}.jpg"
+            card(api.stem, reference_counterpart(api.stem, names)).save(target, quality=85, optimize=True)
+            print(f"wrote {target.relative_to(REPO)}")
+
+
+def render(apis: list[pathlib.Path], comfyui: pathlib.Path):
+    """Queue each workflow on a ComfyUI server; its Save Image outputs make its thumbnail and help-page picture."""
     with tempfile.TemporaryDirectory(prefix="guidance-thumbnails-") as base:
         base = pathlib.Path(base)
         link_pack(base / "custom_nodes")
-        write_fixture_checkpoints(comfyui, base / "models")
-        from test_e2e_server import shrunk
-
         server = ComfyServer(base, comfyui)
         try:
             server.start()
             for api in apis:
                 prompt = json.loads(api.read_text())
-                if any(n["class_type"] == "CheckpointLoaderSimple" for n in prompt.values()):
-                    prompt = shrunk(prompt)
                 entry = server.run_prompt(prompt, timeout_s=RUN_TIMEOUT_S)
                 if entry["status"].get("status_str") != "success":
                     sys.exit(f"{api.name} failed: {json.dumps(entry['status'])[:2000]}")
@@ -97,7 +156,8 @@ def main():
                         for _, output in saved]
                 target = WORKFLOWS / f"{api.stem}.jpg"
                 thumbnail(rows).save(target, quality=85, optimize=True)
-                print(f"wrote {target.relative_to(REPO)}")
+                shutil.copyfile(target, docs_image(api.stem))
+                print(f"wrote {target.relative_to(REPO)} and {docs_image(api.stem).relative_to(REPO)}")
         finally:
             server.stop()
 

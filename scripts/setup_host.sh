@@ -65,7 +65,7 @@ reqs=$CACHE/comfyui-requirements.txt
 stamp=$CACHE/.requirements-installed
 if [ ! -f "$stamp" ] || ! cmp -s "$reqs" "$stamp"; then
   log "installing ComfyUI requirements and the test tools"
-  $PIP install -r "$reqs" numpy safetensors einops pillow pytest
+  $PIP install -r "$reqs" numpy safetensors einops pillow pytest comfy-cli
   cp "$reqs" "$stamp"
 fi
 
