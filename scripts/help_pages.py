@@ -1,4 +1,4 @@
-"""The generated part of the nodes' help pages (`web/docs/<node id>.md`, shown in the frontend's Node Info tab): the
+"""The generated part of the nodes' help pages (`web/docs/<node id>/en.md`, shown in the frontend's Node Info tab): the
 inputs and outputs tables, rendered from a node's schema as ComfyUI reports it (`INPUT_TYPES()`, `RETURN_TYPES`,
 `RETURN_NAMES`, the form `/object_info` serves). tests/test_help_pages.py checks every page against it and prints the
 tables to paste when one differs.
@@ -7,6 +7,14 @@ tables to paste when one differs.
 import re
 
 HELP_PAGES = "web/docs"
+# The frontend asks for `docs/<node id>/<locale>.md` first and `docs/<node id>.md` only after a 404: pages live at the
+# first address (English, the only locale written), so a node's help loads with no failed request.
+PAGE = "{node_id}/en.md"
+
+
+def page_path(node_id: str) -> str:
+    """A node's help page, relative to the repository."""
+    return f"{HELP_PAGES}/{PAGE.format(node_id=node_id)}"
 BEGIN = "<!-- inputs and outputs: generated from the node's schema (scripts/help_pages.py); tests/test_help_pages.py checks them -->"
 END = "<!-- end inputs and outputs -->"
 # The headings every page has, in this order (other headings may sit between them).

@@ -1,4 +1,4 @@
-"""The nodes' help pages (`web/docs/<node id>.md`, which the frontend's Node Info tab shows) against the nodes ComfyUI
+"""The nodes' help pages (`web/docs/<node id>/en.md`, which the frontend's Node Info tab shows) against the nodes ComfyUI
 registered from the pack: one page per node and no other, each with the node's display name, the headings every page
 has, and exactly the node's inputs and outputs (the tables scripts/help_pages.py renders from the schema); the
 pictures they show and the repository files they link exist; the README's node table links every page.
@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 from comfy_server import PACK
-from help_pages import HELP_PAGES, REQUIRED_HEADINGS, generated_section, page_section
+from help_pages import HELP_PAGES, REQUIRED_HEADINGS, generated_section, page_path, page_section
 from render_thumbnails import REFERENCE_MODEL, WORKFLOWS, docs_image, model_of
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ def pack_nodes(comfy):
 
 
 def node_ids():
-    return sorted(page.stem for page in PAGES.glob("*.md"))
+    return sorted(page.parent.name for page in PAGES.glob("*/en.md"))
 
 
 def test_every_registered_node_has_a_page_and_every_page_a_node(comfy):
@@ -40,18 +40,18 @@ def test_every_registered_node_has_a_page_and_every_page_a_node(comfy):
 def test_page_lists_exactly_the_nodes_inputs_and_outputs(comfy, node_id):
     cls = pack_nodes(comfy)[node_id]
     expected = generated_section(cls.INPUT_TYPES(), cls.RETURN_TYPES, cls.RETURN_NAMES)
-    page = (PAGES / f"{node_id}.md").read_text()
-    assert page_section(page) == expected, f"replace the generated block of {HELP_PAGES}/{node_id}.md with:\n{expected}"
+    page = (REPO / page_path(node_id)).read_text()
+    assert page_section(page) == expected, f"replace the generated block of {page_path(node_id)} with:\n{expected}"
 
 
 @pytest.mark.parametrize("node_id", node_ids())
 def test_page_has_the_title_and_headings(comfy, node_id):
-    page = (PAGES / f"{node_id}.md").read_text()
+    page = (REPO / page_path(node_id)).read_text()
     assert page.startswith(f"# {comfy.NODE_DISPLAY_NAME_MAPPINGS[node_id]}\n"), "the title is the node's display name"
     headings = [line for line in page.splitlines() if line.startswith("## ")]
     positions = [headings.index(h) if h in headings else -1 for h in REQUIRED_HEADINGS]
     assert -1 not in positions and positions == sorted(positions), \
-        f"{node_id}.md needs the headings {REQUIRED_HEADINGS} in that order; it has {headings}"
+        f"{page_path(node_id)} needs the headings {REQUIRED_HEADINGS} in that order; it has {headings}"
     intro = page.split("\n\n## ")[0].split("\n\n", 1)[1]
     assert len(re.findall(r"[.!?](\s|$)", intro)) == 2, "the text under the title says what the node does in two sentences"
 
@@ -60,12 +60,12 @@ def test_page_has_the_title_and_headings(comfy, node_id):
 def test_page_links_resolve(node_id):
     """Pictures are files under web/docs/ (the frontend resolves relative links against docs/); links to the
     repository name files that exist in it."""
-    page = (PAGES / f"{node_id}.md").read_text()
+    page = (REPO / page_path(node_id)).read_text()
     for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page):
         assert not re.match(r"(/|[a-z]+:)", target), f"picture {target}: a relative link, served with the page"
         assert (PAGES / target).is_file(), f"picture {target} is not in {HELP_PAGES}/"
     for path in re.findall(re.escape(REPOSITORY) + r"/blob/main/([^)\s]+)", page):
-        assert (REPO / path).is_file(), f"{node_id}.md links {path}, which is not in the repository"
+        assert (REPO / path).is_file(), f"{page_path(node_id)} links {path}, which is not in the repository"
     for url in re.findall(r"https?://github\.com/[^)\s]*", page):
         assert url.startswith(REPOSITORY + "/"), f"{url}: links to this repository use pyproject.toml's Repository"
 
@@ -82,6 +82,6 @@ def test_help_page_pictures_are_the_reference_workflows_thumbnails():
 
 def test_readme_links_every_help_page():
     readme = (REPO / "README.md").read_text()
-    linked = set(re.findall(re.escape(HELP_PAGES) + r"/(\w+)\.md", readme))
+    linked = set(re.findall(re.escape(HELP_PAGES) + r"/(\w+)/en\.md", readme))
     assert linked == set(node_ids()), f"README's node table: missing {sorted(set(node_ids()) - linked)}, " \
                                       f"extra {sorted(linked - set(node_ids()))}"
