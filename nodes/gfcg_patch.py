@@ -142,10 +142,9 @@ class GFCGHook:
     """Calc-cond-batch hook (adds the reference rows, reads the classifier) and post-CFG hook (adds s_t (D_c − D_r))."""
 
     node_name = DISPLAY_NAME
-    # Marks the hook wherever this module was imported from: Autoguidance refuses to be applied after it.
+    # Marks the hook wherever this module was imported from: Autoguidance refuses to be applied after it. (CFG++
+    # refuses the post-CFG hook, which carries no `adds_guidance_term` mark: GFCG under CFG++ is not measured.)
     chooses_reference_class = True
-    # The post-CFG hook adds a term that does not depend on the CFG scale: CFG++ carries it into its guided prediction.
-    adds_guidance_term = True
 
     def __init__(self, classifier, targets: ClassifierTargets, conditioning: ClassConditioning, config: GFCGConfig,
                  replaced_calc_cond_batch, mask: torch.Tensor | None = None):

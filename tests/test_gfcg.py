@@ -361,3 +361,13 @@ def test_gfcg_node_refusals_name_the_node(comfy):
     model_, positive, negative, latent = run_setup()
     with pytest.raises(ValueError, match="GuidanceGFCG: Classifier Target Classes gives 3 targets for a batch of 2"):
         slim_models.ksample(patched, positive, negative, latent, cfg=CFG, steps=1)
+
+
+def test_cfgpp_refuses_gfcg_naming_both(comfy):
+    model, positive, negative, latent = run_setup()
+    sampler = comfy.NODE_CLASS_MAPPINGS["CFGppSampler"].execute("ddim", 0.6).result[0]
+    patched = apply_gfcg(model, targets(), conditioning(), GFCGConfig(SCALE))
+    with pytest.raises(ValueError, match=r"Gradient-Free Classifier Guidance \(GFCG\)") as refusal:
+        slim_models.sample_custom_advanced(patched, positive, negative, latent, cfg=1.0, steps=STEPS, sampler=sampler)
+    assert "CFG++" in str(refusal.value)
+
