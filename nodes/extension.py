@@ -6,12 +6,14 @@ from comfy_api.latest import ComfyExtension, io
 
 from .adaptive import AdaptiveGuidance, FitLinearAG, LinearAG
 from .agd import AGDApply, AGDTrain
+from .autoguidance import Autoguidance
 from .apg import AdaptiveProjectedGuidance
 from .cfgpp import CFGppDDIMInversion, CFGppDDIMSampleFromInversion, CFGppSampler
 from .classifier import ClassifierTargetClasses, ReferenceClassifierLoader
 from .clip_classifier import CLIPVisionZeroShotClassifier
 from .elucd import EluCDClassifierGuidance
 from .frecas import FreCaSSampler
+from .gfcg import GradientFreeClassifierGuidance
 from .pag import PerturbedAttentionGuidance
 from .ppap import PPAPClassifierGuidance, PPAPLoadExperts, PPAPTrainExperts
 from .reference import EmptyReferenceLatent, ReferenceClassConditioning, ReferenceModelLoader
@@ -25,4 +27,5 @@ class GuidanceExtension(ComfyExtension):
                 PerturbedAttentionGuidance, CFGppSampler, CFGppDDIMInversion, CFGppDDIMSampleFromInversion,
                 AdaptiveGuidance, LinearAG, FitLinearAG, ReferenceClassifierLoader, CLIPVisionZeroShotClassifier,
                 ClassifierTargetClasses, EluCDClassifierGuidance, SaliencyMarkersFromPoints, SaliencyMapFromMarkers,
-                AGDApply, AGDTrain, FreCaSSampler, PPAPTrainExperts, PPAPLoadExperts, PPAPClassifierGuidance]
+                AGDApply, AGDTrain, FreCaSSampler, PPAPTrainExperts, PPAPLoadExperts, PPAPClassifierGuidance,
+                Autoguidance, GradientFreeClassifierGuidance]

@@ -27,6 +27,11 @@ TARGETS = "GuidanceClassifierTargets"
 TARGETS_NAME = "Classifier Target Classes"
 ELUCD_INPUTS = {"targets": ["9", 0], "scale": 1.0, "gamma": 0.3, "softplus_beta": 3.0, "joint_temperature": 1.0,
                 "margin_temperature_discount": 0.5, "vae": ["1", 1], "chunk": 8}
+GFCG = "GuidanceGFCG"
+GFCG_NAME = "Gradient-Free Classifier Guidance (GFCG)"
+GFCG_INPUTS = {"targets": ["9", 0], "scale": 2.0, "scale_rule": "adaptive", "reference_rule": "most likely competitor",
+               "sigma_start": 10000.0, "sigma_end": 0.0, "classes": ["1", 2], "class_prompt": "a photo of a {}",
+               "vae": ["1", 1], "chunk": 8}
 
 
 def reference_prompt(patch_class, patch_inputs, target_inputs=None):
@@ -73,8 +78,16 @@ BAD_VALUES = [
     (ELUCD, ELUCD_NAME, {"gamma": -1.0}, "gamma is -1: enter a number between 0 and 10"),
     (ELUCD, ELUCD_NAME, {"softplus_beta": INF}, "softplus_beta is inf"),
     (ELUCD, ELUCD_NAME, {"margin_temperature_discount": 0.0}, "margin_temperature_discount is 0"),
+    (GFCG, GFCG_NAME, {"scale": NAN}, "scale is nan"),
+    (GFCG, GFCG_NAME, {"scale": -1.0}, "scale is -1: enter a number between 0 and 100"),
+    (GFCG, GFCG_NAME, {"sigma_end": INF}, "sigma_end is inf"),
+    (GFCG, GFCG_NAME, {"sigma_start": 1.0, "sigma_end": 2.0}, "set sigma_start >= sigma_end"),
+    (GFCG, GFCG_NAME, {"scale_rule": "linear"}, "scale_rule is 'linear': choose one of adaptive, constant"),
+    (GFCG, GFCG_NAME, {"reference_rule": "best"}, "reference_rule is 'best'"),
+    (GFCG, GFCG_NAME, {"class_prompt": "a photo"}, "class_prompt 'a photo' has no {}"),
+    (GFCG, GFCG_NAME, {"chunk": 0}, "chunk is 0"),
 ]
-DEFAULT_INPUTS = {APG: APG_INPUTS, PAG: PAG_INPUTS, ELUCD: ELUCD_INPUTS}
+DEFAULT_INPUTS = {APG: APG_INPUTS, PAG: PAG_INPUTS, ELUCD: ELUCD_INPUTS, GFCG: GFCG_INPUTS}
 GOOD_TARGETS = {"classes": "all classes", "images_per_class": 1}
 BAD_TARGETS = [
     ({"classes": "sneaker,,bag"}, "has an empty entry"),
@@ -84,7 +97,7 @@ BAD_TARGETS = [
 
 
 def prompt_for(node, changes):
-    return reference_prompt(node, DEFAULT_INPUTS[node] | changes, GOOD_TARGETS if node == ELUCD else None)
+    return reference_prompt(node, DEFAULT_INPUTS[node] | changes, GOOD_TARGETS if node in (ELUCD, GFCG) else None)
 
 
 def assert_refused_at_queue_time(comfy_server, prompt, name, changes, message):
@@ -130,6 +143,18 @@ def test_good_values_still_run(comfy_server):
         assert entry["status"]["status_str"] == "success"
     entry = comfy_server.run_prompt(prompt_for(ELUCD, {"scale": 0.0, "softplus_beta": 0.0, "gamma": 0.0}))
     assert entry["status"]["status_str"] == "success"
+    entry = comfy_server.run_prompt(prompt_for(GFCG, {}))
+    assert entry["status"]["status_str"] == "success"
+
+
+def test_autoguidance_and_gfcg_run_with_the_weak_checkpoint(comfy_server):
+    """Autoguidance takes the reference model's weak checkpoint from a second loader, GFCG goes after it."""
+    prompt = prompt_for(GFCG, {"model": ["10", 0]})
+    prompt["10"] = {"class_type": "GuidanceAutoguidance", "inputs": {"model": ["1", 0], "weak_model": ["11", 0]}}
+    prompt["11"] = {"class_type": "GuidanceReferenceModelLoader",
+                    "inputs": {"weights": "fashion_weak_diffusion.safetensors"}}
+    entry = comfy_server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
 
 
 def test_apg_prompts_with_and_without_the_mode_inputs_run(comfy_server):
