@@ -257,6 +257,28 @@ def official_unet(unet, adapters, scale):
     return reference
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fourier_features_stay_float32_in_a_half_precision_model(dtype):
+    """At w = 12 the angle f·w + φ needs more digits than half precision has: the sampling copy of the adapters in
+    the model's dtype keeps f and φ in float32 and computes the features there (as the official adapters were
+    trained and sampled, in float32), so its features equal the float64 official `FourierEncoding` to float32
+    precision, and the scale token's stacked keys are off by the rounding of the layers alone (measured 5e-4 in
+    float16, 6e-3 in bfloat16; 2 machine epsilons allowed)."""
+    adapters, inputs = lone_adapters()
+    twin, stacked, _ = agd_patch.AGDPatch(adapters, 12.0).sampling_copy(torch.empty(0, dtype=dtype))
+    scale = torch.tensor([12.0, 12.0])
+    keys, _ = stacked.keys_values(scale, inputs["time_embedding"].to(dtype), inputs["prompt"].to(dtype))
+    assert keys.dtype == dtype
+    for i, (name, adapter) in enumerate(twin.adapters.items()):
+        official = official_features(adapters.adapters[name], scale)
+        features = adapter.scale_embedding.fourier(scale)
+        assert (features.double() - official).abs().max() < 1e-4, f"{name}: Fourier features at w = 12 in {dtype}"
+        tokens = official_tokens(adapters.adapters[name], scale, inputs["time_embedding"], inputs["prompt"])
+        official_keys = F.linear(tokens, adapters.adapters[name].k_proj.weight.double())
+        scale_key_error = rel_err(keys[i][:, 0], official_keys[:, 0])
+        assert scale_key_error < 2 * torch.finfo(dtype).eps, f"{name}: the scale token's keys at w = 12 in {dtype}"
+
+
 class UNetCalls:
     """Every call of a UNet: its inputs and output."""
 
