@@ -11,8 +11,9 @@ Per stage:
 - with attention fusion, every cross-attention of the UNet is replaced by one that collects its maps at the stage's
   last step and, from the second stage on, mixes in the previous stage's fused maps.
 Every stage is conditioned on the first stage's image size (SDXL's original and target size), as the official
-pipeline is (`with_size_conditioning`). Between stages the clean estimate is upsampled (through the VAE in pixels when one is given, as the paper does, else
-nearest-neighbour in the latent) and diffused to the next stage's first noise level with new noise from the seed.
+pipeline is (`with_size_conditioning`). Between stages the clean estimate is upsampled (through the VAE in pixels
+when one is given, as the paper does, else nearest-neighbour in the latent) and diffused to the next stage's first
+noise level with new noise from the seed.
 """
 
 from __future__ import annotations
