@@ -100,8 +100,8 @@ def reference_part(args, device) -> dict:
                "judge_accuracy": accuracy(judge, images, labels, device), "nfe_per_image": nfe,
                "saved_uncond_share": (2 * args.steps - nfe) / args.steps, "seconds": seconds}
         row.update(deviation(images, images if baseline is None else baseline, classifier, device))
-        print(f"{name:>30}  saved {row['saved_uncond_share']:6.1%}  FD {row['fd']:7.3f}  acc {row['class_accuracy']:.3f}"
-              f"/{row['judge_accuracy']:.3f}  PSNR {row['psnr_db']:6.2f}", flush=True)
+        print(f"{name:>30}  saved {row['saved_uncond_share']:6.1%}  FD {row['fd']:7.3f}  "
+              f"acc {row['class_accuracy']:.3f}/{row['judge_accuracy']:.3f}  PSNR {row['psnr_db']:6.2f}", flush=True)
         return row, images
 
     cfg_row, cfg_images = measure("cfg", ref.Setup(model, w), {"criterion": None, "threshold": None})
