@@ -13,8 +13,12 @@ numbers are not cited (the issue asked for them; they could not be checked), and
   neural function evaluations [in the first half] by simple affine transformations of past score estimates".
 - The criterion (our reading of that sentence): γ_t = cos(D_c, D_cfg), the cosine between the conditional prediction
   and the CFG-guided prediction, per sample over every non-batch dimension; once γ_t ≥ γ̄ the remaining steps of
-  that sample are conditional-only (its unconditional pass is not computed). Third-party implementations compare the
-  conditional with the *unconditional* prediction instead (cos(D_c, D_u)); that reading is `criterion="cond_uncond"`.
+  that sample are conditional-only (its unconditional pass is not computed). The public implementations
+  (asagi4/ComfyUI-Adaptive-Guidance `__init__.py`, `check_similarity`, and its fork) compare the conditional with the
+  *unconditional* denoised prediction instead, cos(D_c, D_u), over the whole batch flattened into one vector: one
+  decision for the batch, after which every later step is conditional-only; that is `criterion="cond_uncond_batch"`
+  (at their default threshold 0.990, `PUBLIC_THRESHOLD`), and `criterion="cond_uncond"` is the same cosine per
+  sample. The paper's project page plots cos(D_c, D_u), rising from about 0.85–0.88 to 1.
   Since D_cfg − D_c = (w − 1)(D_c − D_u), 1 − cos(D_c, D_cfg) ≈ (w − 1)² (1 − cos(D_c, D_u)) for small angles: the
   default criterion asks for agreement in proportion to the guidance scale, which is what decides whether dropping
   the unconditional pass changes the step.
@@ -25,8 +29,8 @@ numbers are not cited (the issue asked for them; they could not be checked), and
   holds" would stop guidance at the first step, the opposite of the alignment the paper reports. On the denoised
   predictions it grows over the run as the paper describes (0.87 at the first step, 0.991 about a third of the way,
   1.0 at the end); `similarity(..., space="noise")` gives the other reading for measurements.
-- The threshold γ̄ = 0.991 is the value third-party implementations attribute to the paper (unverified here);
-  γ̄ ≥ 1 never skips, so AG is then CFG bit for bit.
+- The threshold γ̄ = 0.991 of the default criterion is ours (the public implementations' default is 0.990, for
+  cos(D_c, D_u)); γ̄ ≥ 1 never skips, so AG is then CFG bit for bit.
 
 LinearAG (our reading of the abstract's sentence; the paper's regression could not be read): the unconditional
 noise prediction of a step in the first half of the run is estimated as an affine combination of estimates that are
@@ -51,7 +55,9 @@ import torch
 from .checks import check_finite
 
 DEFAULT_THRESHOLD = 0.991
-CRITERIA = ("cond_cfg", "cond_uncond")
+CRITERIA = ("cond_cfg", "cond_uncond", "cond_uncond_batch")
+# The public implementations' threshold (asagi4/ComfyUI-Adaptive-Guidance `AdaptiveGuidanceGuider`, default 0.990).
+PUBLIC_THRESHOLD = 0.990
 # Past terms of the LinearAG estimate, in the order of its coefficients.
 LINEAR_TERMS = ("cond", "previous_cond", "previous_uncond")
 
@@ -89,12 +95,14 @@ def cfg_denoised(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torc
 
 def similarity(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float,
                criterion: str = "cond_cfg", space: str = "denoised") -> torch.Tensor:
-    """γ per sample: cos(D_c, D_cfg) (default) or cos(D_c, D_u) on the denoised predictions; with
+    """γ per sample: cos(D_c, D_cfg) (default) or cos(D_c, D_u) on the denoised predictions, or (cond_uncond_batch,
+    the public implementations') cos(D_c, D_u) of the whole batch as one vector, the same γ for every sample; with
     space="noise" the same on the noise directions x − D ∝ ε (for measurements only, see the module docstring)."""
     other = cfg_denoised(cond, uncond, scale) if criterion == "cond_cfg" else uncond
-    if space == "noise":
-        return per_sample_cosine(x - cond, x - other)
-    return per_sample_cosine(cond, other)
+    a, b = (x - cond, x - other) if space == "noise" else (cond, other)
+    if criterion == "cond_uncond_batch":
+        return per_sample_cosine(a.reshape(1, -1), b.reshape(1, -1)).expand(a.shape[0])
+    return per_sample_cosine(a, b)
 
 
 class AGState:

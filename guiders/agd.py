@@ -44,8 +44,10 @@ FORMAT = "comfyui-guidance.agd/1"
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSpec:
-    """The adapters' size and what they attend to; defaults from the official Stable Diffusion settings
-    (`--hidden-dim 320`, `mlp_ratio` 4, the timestep and prompt tokens used)."""
+    """The adapters' size and what they attend to; defaults from the official Stable Diffusion code: `--hidden-dim
+    320`, `mlp_ratio` 4, and the timestep and prompt tokens, which the official model builders (`agd/sd/adapter.py`,
+    `get_untrained_adapter*`) read by default while its training CLI reads them only when passed `--use-timestep` and
+    `--use-prompt` (the repository's README elides the options of the paper's runs)."""
 
     hidden_dim: int = 320
     mlp_ratio: float = 4.0
@@ -73,16 +75,30 @@ class AttachmentPoint:
         return f"{self.block[0]}_{self.block[1]}_{self.index}"
 
 
+def fourier_features(frequencies: torch.Tensor, phases: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """cos(2π (f w + φ)) in float32 whatever the model's dtype, as the official adapters were trained and sampled: in
+    float16 the angle f w + φ at w = 12 keeps too few digits (features off by up to 0.1)."""
+    return torch.cos(2 * math.pi * (frequencies.float() * value.float().unsqueeze(-1) + phases.float()))
+
+
 class FourierFeatures(nn.Module):
-    """cos(2π (f w + φ)) with fixed random f ~ N(0, 1), φ ~ U(0, 1) (official `FourierEncoding`)."""
+    """cos(2π (f w + φ)) with fixed random f ~ N(0, 1), φ ~ U(0, 1) (official `FourierEncoding`); f and φ stay
+    float32 when the module is cast to another dtype, so that the features do (`fourier_features`)."""
 
     def __init__(self, dim: int, generator: torch.Generator | None = None):
         super().__init__()
         self.register_buffer("frequencies", torch.randn(dim, generator=generator))
         self.register_buffer("phases", torch.rand(dim, generator=generator))
 
+    def _apply(self, fn, recurse=True):
+        kept = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buffer in kept.items():
+            self._buffers[name] = buffer.float().to(self._buffers[name].device)
+        return self
+
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return torch.cos(2 * math.pi * (self.frequencies * value.to(self.frequencies.dtype).unsqueeze(-1) + self.phases))
+        return fourier_features(self.frequencies, self.phases, value)
 
 
 def xavier_(layer: nn.Linear, gain: float, generator: torch.Generator | None) -> None:
@@ -106,7 +122,7 @@ class ScaleEmbedding(nn.Module):
             xavier_(layer, math.sqrt(2), generator)
 
     def forward(self, scale: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fc2(F.relu(self.fc1(self.fourier(scale)))))
+        return self.norm(self.fc2(F.relu(self.fc1(self.fourier(scale).to(self.fc1.weight.dtype)))))
 
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32, max_period: float = 1e4):
@@ -198,8 +214,7 @@ class StackedConditions:
     def keys_values(self, scale: torch.Tensor, time_embedding: torch.Tensor | None = None,
                     prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.keys.dtype
-        angle = self.frequencies.unsqueeze(1) * scale.to(self.frequencies.dtype).view(1, -1, 1) + self.phases.unsqueeze(1)
-        h = torch.cos(2 * math.pi * angle).to(dtype)  # [A, B, h]
+        h = fourier_features(self.frequencies.unsqueeze(1), self.phases.unsqueeze(1), scale.view(1, -1)).to(dtype)
         h = F.relu(torch.baddbmm(self.fc1[1].unsqueeze(1), h, self.fc1[0].transpose(1, 2)))
         h = torch.baddbmm(self.fc2[1].unsqueeze(1), h, self.fc2[0].transpose(1, 2))
         weight, bias, eps = self.norm

@@ -21,12 +21,14 @@ folder_paths.add_model_folder_path(COEFFICIENTS_FOLDER, str(REFERENCE_COEFFICIEN
 folder_paths.folder_names_and_paths[COEFFICIENTS_FOLDER][1].add(".safetensors")
 
 THRESHOLD_TOOLTIP = ("gamma-bar: once the cosine between the conditional step and the CFG step reaches this value for "
-                     "an image, its remaining steps skip the unconditional pass (conditional only). 0.991 is the "
-                     "value attributed to the paper; lower skips sooner and saves more; 1.0 never skips (exactly CFG).")
+                     "an image, its remaining steps skip the unconditional pass (conditional only). 0.991 is ours for "
+                     "cond_cfg; the public implementations use 0.990 with cond_uncond_batch; lower skips sooner and "
+                     "saves more; 1.0 never skips (exactly CFG).")
 CRITERION_TOOLTIP = ("Which two predictions the cosine compares, as noise (step) directions: cond_cfg = the "
                      "conditional and the CFG-guided step (default, our reading of the paper); cond_uncond = the "
-                     "conditional and the unconditional prediction (other implementations' reading; it reaches a "
-                     "given threshold sooner at the same scale).")
+                     "conditional and the unconditional prediction, per image (it reaches a given threshold sooner at "
+                     "the same scale); cond_uncond_batch = the same over the whole batch at once, one switch for all "
+                     "images (the public implementations' rule, at their threshold 0.990).")
 
 
 def mask_tooltip(node: str) -> str:

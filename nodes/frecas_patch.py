@@ -10,8 +10,10 @@ Per stage:
   after it (PAG's term, CFGNorm, CFGZeroStar) act in every stage as they would in one run;
 - with attention fusion, every cross-attention of the UNet is replaced by one that collects its maps at the stage's
   last step and, from the second stage on, mixes in the previous stage's fused maps.
-Between stages the clean estimate is upsampled (through the VAE in pixels when one is given, as the paper does, else
-nearest-neighbour in the latent) and diffused to the next stage's first noise level with new noise from the seed.
+Every stage is conditioned on the first stage's image size (SDXL's original and target size), as the official
+pipeline is (`with_size_conditioning`). Between stages the clean estimate is upsampled (through the VAE in pixels
+when one is given, as the paper does, else nearest-neighbour in the latent) and diffused to the next stage's first
+noise level with new noise from the seed.
 """
 
 from __future__ import annotations
@@ -273,6 +275,14 @@ class StageProgress:
         return callback
 
 
+def with_size_conditioning(conditioning: list, height: int, width: int) -> list:
+    """`conditioning` with the image size (height, width) as its size conditioning wherever it gives none. The
+    official pipeline (xtudbxk/FreCaS main.py calling diffusers' StableDiffusionXLPipeline without a size) computes
+    SDXL's original and target size time-ids once, from the pipeline's default size, its SDXL plans' first stage
+    (1024²), and keeps them in every stage; ComfyUI would fill them from each stage's latent (2048² in the last)."""
+    return [[tensor, {"height": height, "width": width, **options}] for tensor, options in conditioning]
+
+
 def sample_frecas(model, positive, negative, latent: dict, seed: int, settings: FreCaSSettings,
                   target: tuple[int, int], vae=None, mask: torch.Tensor | None = None, progress: bool = True):
     """FreCaS from the first stage's `latent` (a LATENT at the model's training size) to the latent size `target`
@@ -300,6 +310,9 @@ def sample_frecas(model, positive, negative, latent: dict, seed: int, settings: 
     bar = StageProgress(model, sum(settings.steps)) if progress else None
     sampler = comfy.samplers.sampler_object(settings.sampler_name)
     batch_inds = latent.get("batch_index")
+    # the first stage's size as ComfyUI fills it in from a latent (8 pixels per latent cell), for every stage
+    height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
+    positive, negative = (with_size_conditioning(c, height, width) for c in (positive, negative))
     for i, stage in enumerate(stages):
         sigmas = stage_schedule(model_sampling, stage)
         noise = comfy.sample.prepare_noise(samples, seed + i, batch_inds)

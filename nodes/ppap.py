@@ -197,6 +197,10 @@ class PPAPClassifierGuidance(io.ComfyNode):
                               "the latent; one for all images or one per image). 1 = PPAP as is, 0 = the prediction "
                               "without PPAP's shift, values between blend the two. Saliency Map From Markers makes "
                               "one."),
+                io.Boolean.Input("clip_denoised", default=True, optional=True,
+                                 tooltip="On a pixel-space model, clip the prediction PPAP guides to the image range "
+                                 "first, as the official sampling does (clip_denoised=True). No effect on a latent "
+                                 "model. Off: the sampler's prediction as it is."),
             ],
             outputs=[io.Model.Output(tooltip="The model with PPAP added to the sampler's guidance.")],
         )
@@ -206,8 +210,9 @@ class PPAPClassifierGuidance(io.ComfyNode):
         return check_widgets(cls, values)
 
     @classmethod
-    def execute(cls, model, experts, targets, scale, chunk=DEFAULT_CHUNK, mask=None) -> io.NodeOutput:
+    def execute(cls, model, experts, targets, scale, chunk=DEFAULT_CHUNK, mask=None,
+                clip_denoised=True) -> io.NodeOutput:
         try:
-            return io.NodeOutput(apply_ppap(model, experts, targets, scale, chunk, mask))
+            return io.NodeOutput(apply_ppap(model, experts, targets, scale, chunk, mask, clip_denoised))
         except ValueError as e:
             raise prefixed(NODE_ID, e) from e

@@ -64,6 +64,15 @@ class InputMap:
             return lambda z: z
         return lambda z: (self.scale * latent_format.process_out(z) + self.offset).clamp(0, 1)
 
+    def clip(self, latent_format):
+        """The official `clip_denoised` in the model's space, or None for a latent (no data range): a clean sample
+        clamped to the images VAE Decode shows, [0, 1], mapped back (ADM's x̂₀ clamped to [-1, 1] on the reference
+        model, whose pixels are (x + 1)/2)."""
+        if self.space == "latent":
+            return None
+        clean = self.clean(latent_format)
+        return lambda z: latent_format.process_in((clean(z) - self.offset) / self.scale)
+
     def noisy(self, latent_format, model_sampling, sigma: torch.Tensor):
         """An expert's input from the sampler's state x at σ (per sample): the model input, mapped, not clamped."""
         def read(x):
@@ -199,14 +208,17 @@ def read_experts(path: str, classifier: ImageClassifier, node_name: str = LOAD_D
 
 
 class PPAPHook:
-    """Post-CFG hook: D + s ρ² α ∇ₓ log p_φᵢ(y | x), φᵢ the expert of the call's noise level (module docstring)."""
+    """Post-CFG hook: D + s ρ² α ∇ₓ log p_φᵢ(y | x), φᵢ the expert of the call's noise level (module docstring), D
+    clipped to the data range first on a pixel-space model when `clip_denoised` (the official DDIM guidance,
+    `condition_score` after `p_mean_variance(clip_denoised=True)`, forms its ε from the clipped x̂₀)."""
 
     node_name = DISPLAY_NAME
     guides_denoised = True  # a term on the guided prediction alone, whatever made it (AGD's one-pass one included)
 
     def __init__(self, experts: PPAPExperts, targets: ClassifierTargets, scale: float, chunk: int,
-                 mask: torch.Tensor | None = None):
+                 mask: torch.Tensor | None = None, clip_denoised: bool = True):
         self.experts, self.targets, self.scale, self.chunk, self.mask = experts, targets, scale, chunk, mask
+        self.clip_denoised = clip_denoised
 
     def __deepcopy__(self, memo):
         return self
@@ -231,16 +243,19 @@ class PPAPHook:
             raise ValueError(f"{NODE_ID}: the expert's gradient is not finite at sigma {level:.4g}; check the "
                              "model's output (run it in float32, e.g. --force-fp32).")
         flow = isinstance(model_sampling, comfy.model_sampling.CONST)
-        guided = denoised + denoised_shift(gradient, level, flow, self.scale).to(denoised.dtype)
+        clip = self.experts.input_map.clip(latent_format) if self.clip_denoised else None
+        base = denoised if clip is None else clip(denoised)
+        guided = base + denoised_shift(gradient, level, flow, self.scale).to(denoised.dtype)
         if self.mask is None:
             return guided
         return torch.lerp(denoised, guided, latent_weights(self.mask, guided, NODE_ID))
 
 
 def apply_ppap(model, experts: PPAPExperts, targets: ClassifierTargets, scale: float, chunk: int = DEFAULT_CHUNK,
-               mask: torch.Tensor | None = None):
+               mask: torch.Tensor | None = None, clip_denoised: bool = True):
     """A clone of the ModelPatcher `model` with PPAP's guidance added after the CFG step; `mask` weights its shift
-    per position (1: PPAP, 0: the prediction without it)."""
+    per position (1: PPAP, 0: the prediction without it); `clip_denoised` clips the prediction it guides to the
+    data range on a pixel-space model, as the official sampling does (no effect on a latent model)."""
     check_model(model, DISPLAY_NAME)
     if network_sha256(targets.classifier.network) != experts.info.get("backbone_sha256"):
         raise ValueError(f"{DISPLAY_NAME}: the target classes are of {targets.classifier.name}, but these experts were "
@@ -256,7 +271,7 @@ def apply_ppap(model, experts: PPAPExperts, targets: ClassifierTargets, scale: f
                         "model's %s); they guide, but best on the model they were trained for.", DISPLAY_NAME,
                         experts.info.get("model_fingerprint"), model_fingerprint(model))
     patched = model.clone()
-    patched.set_model_sampler_post_cfg_function(PPAPHook(experts, targets, scale, chunk, mask))
+    patched.set_model_sampler_post_cfg_function(PPAPHook(experts, targets, scale, chunk, mask, clip_denoised))
     return patched
 
 

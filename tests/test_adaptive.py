@@ -40,12 +40,13 @@ class Recorder(Spy):
     the patch as test_pag_sampling's Spy is."""
 
     def __init__(self):
-        self.x, self.cond, self.uncond, self.guided = [], [], [], []
+        self.x, self.sigma, self.cond, self.uncond, self.guided = [], [], [], [], []
 
     def pre(self, args):
         cond, uncond = comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
                                                       {})
         self.x.append(args["input"].double())
+        self.sigma.append(float(args["sigma"].max()))
         self.cond.append(cond.double())
         self.uncond.append(uncond.double())
         return args["conds_out"]
@@ -108,6 +109,48 @@ def test_guided_output_matches_float64_reference(comfy, family, prediction, crit
     for got, expected in zip(rec.guided, want):
         assert rel_err(got, expected) < 1e-5
     assert bool(masks[1].any()) and not bool(masks[1].all()), [m.tolist() for m in masks]
+
+
+def public_ag(rec, threshold, scale=CFG):
+    """asagi4/ComfyUI-Adaptive-Guidance `__init__.py` (`AdaptiveGuider.predict_noise` and `check_similarity`) in
+    float64: at a step of timestep ts (σ), if an earlier step set threshold_timestep > ts the step is conditional
+    only; else threshold_timestep = 0, CFG, and if cos(D_c, D_u) of the whole batch flattened
+    (`cos(cond_pred.reshape(1, -1), uncond_pred.reshape(1, -1))`) ≥ threshold, threshold_timestep = ts.
+    Returns the guided prediction per call."""
+    threshold_timestep, outs = 0.0, []
+    for sigma, c, u in zip(rec.sigma, rec.cond, rec.uncond):
+        if threshold_timestep > sigma:
+            outs.append(c)
+            continue
+        threshold_timestep = 0.0
+        a, b = c.reshape(1, -1), u.reshape(1, -1)
+        if float((a * b).sum() / (a.norm() * b.norm())) >= threshold:
+            threshold_timestep = sigma
+        outs.append(u + scale * (c - u))
+    return outs
+
+
+@pytest.mark.parametrize("family,prediction", [("sd15", "eps"), ("flux", "flow")])
+def test_batch_criterion_is_the_public_implementation(comfy, family, prediction):
+    """criterion cond_uncond_batch: every call's output is the public implementations' rule in float64 (one decision
+    for the whole batch), at a threshold between the batch cosine and the higher image's own cosine at the second
+    call: a per-image rule would switch that image a call earlier than the batch."""
+    model, positive, negative, latent = setup(family, prediction)
+    rec = Recorder()
+    slim_models.ksample(rec.around(model, lambda m: m), positive, negative, latent, cfg=CFG, steps=5)
+    batch_gammas = [float(torch.nn.functional.cosine_similarity(c.reshape(1, -1), u.reshape(1, -1)))
+                    for c, u in zip(rec.cond, rec.uncond)]
+    image_gammas = gammas(rec, criterion="cond_uncond")
+    threshold = (batch_gammas[1] + float(image_gammas[1].max())) / 2
+    assert float(image_gammas[0].max()) < threshold and batch_gammas[1] < threshold, (batch_gammas, image_gammas)
+    rec = Recorder()
+    slim_models.ksample(rec.around(model, lambda m: ag(comfy, m, threshold, "cond_uncond_batch")), positive, negative,
+                        latent, cfg=CFG, steps=5)
+    want = public_ag(rec, threshold)
+    switched = [torch.equal(w, c) for w, c in zip(want, rec.cond)]
+    assert any(switched) and not all(switched), switched
+    for i, (got, expected) in enumerate(zip(rec.guided, want)):
+        assert rel_err(got, expected) < 1e-5, f"call {i}: not the public implementations' batch rule"
 
 
 class RowCounter:

@@ -4,7 +4,8 @@ inside real ComfyUI sampling on the slim models.
 The adapters' attachment is checked against a reference built the way the official code attaches them
 (agd/models/attention.py, `CrossAttentionCFGAdapter.forward`: each `attn2` module of the UNet wrapped so that its
 output gets the adapter's output on the module's own input added), on a deep copy of the UNet, independent of
-ComfyUI's transformer patches that the pack uses. The training schedule is checked against torch's own schedulers
+ComfyUI's transformer patches that the pack uses; the adapter's own computation there is the official
+`_adapter_forward` written out in float64 in this file. The training schedule is checked against torch's own schedulers
 as the official `get_opt_scheduler` builds them, the loss against the MSE of the model's raw output computed through
 ComfyUI's model_sampling. Training runs for real, on CPU, at a tiny size.
 """
@@ -21,6 +22,7 @@ import comfy.samplers as comfy_samplers
 import folder_paths
 import pytest
 import torch
+import torch.nn.functional as F
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from safetensors.torch import load_file, save_file
@@ -129,8 +131,9 @@ def test_fresh_adapters_sample_the_base_model_bit_for_bit(comfy):
 
 class OfficialAttachment(torch.nn.Module):
     """An `attn2` wrapped as the official `CrossAttentionCFGAdapter.forward` does: the module's output plus the
-    adapter's output on the module's own input x (the normed hidden states), the guidance scale, the timestep's
-    embedding by the UNet's own time embedder, and the module's context (the prompt)."""
+    official adapter's output (`official_adapter_output`, on the pack adapter's weights) on the module's own input x
+    (the normed hidden states), the guidance scale, the timestep's embedding by the UNet's own time embedder, and the
+    module's context (the prompt)."""
 
     def __init__(self, attn2, adapter, condition):
         super().__init__()
@@ -138,7 +141,91 @@ class OfficialAttachment(torch.nn.Module):
 
     def forward(self, x, context=None, value=None, transformer_options={}):
         out = self.attn2(x, context=context, value=value, transformer_options=transformer_options)
-        return out + self.adapter(x, self.condition["scale"], self.condition["time"], context)
+        official = official_adapter_output(self.adapter, x, self.condition["scale"], self.condition["time"], context)
+        return out + official.to(out.dtype)
+
+
+def official_positions(hidden_dim, max_len=250, max_period=10000.0):
+    """agd/models/attention.py `PositionalEncoding.pe` (cristianpjensen/agd), written out in float64: the sines
+    of position · exp(−ln(max_period) · 2i / hidden_dim) in the first half of the channels, the cosines in the
+    second."""
+    position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
+    div_term = torch.exp(-math.log(max_period) * torch.arange(0, hidden_dim, 2, dtype=torch.float64) / hidden_dim)
+    return torch.cat([torch.sin(position * div_term), torch.cos(position * div_term)], dim=-1)
+
+
+def official_adapter_output(adapter, x, scale, time_embedding, prompt):
+    """agd/models/attention.py `CrossAttentionCFGAdapter._adapter_forward` (cristianpjensen/agd) written out in
+    float64 on the adapter's weights, sharing no code with guiders/agd.py: tokens [ScalarEncoder(w) (FourierEncoding
+    cos(2π(f·w + φ)), Linear, ReLU, Linear, LayerNorm), timestep_proj(t_emb), prompt_proj(prompt)…] plus the
+    positional encoding, one head of attention with scale 1/√hidden_dim, out_proj."""
+    d, h = torch.float64, adapter.spec.hidden_dim
+    tokens = official_tokens(adapter, scale, time_embedding, prompt)
+    q = F.linear(x.to(d), *float64_weights(adapter.q_proj))
+    k, v = F.linear(tokens, *float64_weights(adapter.k_proj)), F.linear(tokens, *float64_weights(adapter.v_proj))
+    attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(h), dim=-1)
+    return F.linear(attention @ v, *float64_weights(adapter.out_proj))
+
+
+def float64_weights(layer):
+    return layer.weight.double(), None if layer.bias is None else layer.bias.double()
+
+
+def official_features(adapter, scale):
+    """`FourierEncoding.forward` in float64: cos(2π(f·w + φ))."""
+    fourier = adapter.scale_embedding.fourier
+    return torch.cos(2 * torch.pi * (fourier.frequencies.double() * scale.double().unsqueeze(-1)
+                                     + fourier.phases.double()))
+
+
+def official_tokens(adapter, scale, time_embedding, prompt):
+    """The condition tokens of `_adapter_forward` in float64, positions added: [B, S, hidden_dim]."""
+    d, w = torch.float64, float64_weights
+    e, h = adapter.scale_embedding, adapter.spec.hidden_dim
+    hidden = F.linear(F.relu(F.linear(official_features(adapter, scale), *w(e.fc1))), *w(e.fc2))
+    tokens = [F.layer_norm(hidden, (h,), e.norm.weight.to(d), e.norm.bias.to(d), e.norm.eps).unsqueeze(-2)]
+    if adapter.spec.use_timestep:
+        tokens.append(F.linear(time_embedding.to(d), *w(adapter.time_proj)).unsqueeze(-2))
+    if adapter.spec.use_prompt:
+        tokens.append(F.linear(prompt.to(d), *w(adapter.prompt_proj)))
+    tokens = torch.cat(tokens, dim=-2)
+    return tokens + official_positions(h)[:tokens.shape[-2]]
+
+
+def lone_adapters(hidden=64, seed=3):
+    """A set of two adapters (input widths 24 and 40, timestep width 12, prompt width 10) with random output
+    projections, and inputs for them: features, scales 1.5 and 12, time embeddings and 7 prompt tokens per row."""
+    points = [agd.AttachmentPoint(("input", 1), 0, 24), agd.AttachmentPoint(("middle", 0), 0, 40)]
+    adapters = agd.AdapterSet(points, AdapterSpec(hidden_dim=hidden), time_dim=12, prompt_dim=10, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in adapters.adapters.values():
+            adapter.out_proj.weight.normal_(0.0, 1.0, generator=generator)
+            adapter.out_proj.bias.normal_(0.0, 0.1, generator=generator)
+    inputs = {"scale": torch.tensor([1.5, 12.0]), "time_embedding": torch.randn(2, 12, generator=generator),
+              "prompt": torch.randn(2, 7, 10, generator=generator)}
+    return adapters, inputs
+
+
+def test_an_adapter_and_the_stacked_sampling_path_equal_the_official_adapter_forward():
+    """Each adapter (float32), alone and through the stacked keys and values that sampling uses, equals the official
+    `_adapter_forward` written out in float64 (cristianpjensen/agd, agd/models/attention.py): same scale token, same
+    timestep and prompt tokens, same positions (sines first, then cosines)."""
+    adapters, inputs = lone_adapters()
+    stacked = agd.StackedConditions(list(adapters.adapters.values()))
+    keys, values = stacked.keys_values(**inputs)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for i, (name, adapter) in enumerate(adapters.adapters.items()):
+            x = torch.randn(2, 5, adapter.q_proj.in_features, generator=generator)
+            tokens = official_tokens(adapter, *inputs.values())
+            assert rel_err(adapter.condition_tokens(*inputs.values()).double(), tokens) < 1e-5, \
+                f"{name}: condition tokens differ from the official ones (scale token, timestep, prompt, positions)"
+            official_keys = F.linear(tokens, adapter.k_proj.weight.double())
+            assert rel_err(keys[i].double(), official_keys) < 1e-5, f"{name}: stacked keys of the condition tokens"
+            want = official_adapter_output(adapter, x, *inputs.values())
+            assert rel_err(adapter(x, *inputs.values()).double(), want) < 1e-5, f"{name}: adapter output"
+            assert rel_err(adapter.attend(x, keys[i], values[i]).double(), want) < 1e-5, f"{name}: stacked output"
 
 
 def official_unet(unet, adapters, scale):
@@ -168,6 +255,28 @@ def official_unet(unet, adapters, scale):
 
     reference.register_forward_pre_hook(condition_of_call, with_kwargs=True)
     return reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fourier_features_stay_float32_in_a_half_precision_model(dtype):
+    """At w = 12 the angle f·w + φ needs more digits than half precision has: the sampling copy of the adapters in
+    the model's dtype keeps f and φ in float32 and computes the features there (as the official adapters were
+    trained and sampled, in float32), so its features equal the float64 official `FourierEncoding` to float32
+    precision, and the scale token's stacked keys are off by the rounding of the layers alone (measured 5e-4 in
+    float16, 6e-3 in bfloat16; 2 machine epsilons allowed)."""
+    adapters, inputs = lone_adapters()
+    twin, stacked, _ = agd_patch.AGDPatch(adapters, 12.0).sampling_copy(torch.empty(0, dtype=dtype))
+    scale = torch.tensor([12.0, 12.0])
+    keys, _ = stacked.keys_values(scale, inputs["time_embedding"].to(dtype), inputs["prompt"].to(dtype))
+    assert keys.dtype == dtype
+    for i, (name, adapter) in enumerate(twin.adapters.items()):
+        official = official_features(adapters.adapters[name], scale)
+        features = adapter.scale_embedding.fourier(scale)
+        assert (features.double() - official).abs().max() < 1e-4, f"{name}: Fourier features at w = 12 in {dtype}"
+        tokens = official_tokens(adapters.adapters[name], scale, inputs["time_embedding"], inputs["prompt"])
+        official_keys = F.linear(tokens, adapters.adapters[name].k_proj.weight.double())
+        scale_key_error = rel_err(keys[i][:, 0], official_keys[:, 0])
+        assert scale_key_error < 2 * torch.finfo(dtype).eps, f"{name}: the scale token's keys at w = 12 in {dtype}"
 
 
 class UNetCalls:

@@ -713,3 +713,41 @@ def test_video_latent_runs_per_frame(comfy):
         for t in range(cond.shape[2]):
             want = official_fa_cfg(cond[:, :, t], uncond[:, :, t], (8, 8), CFG, CFG_HIGH)
             assert rel_err(guided[:, :, t], want) < 1e-5
+
+
+# 8. Size conditioning of the later stages ----------------------------------------------------------------------------
+
+def official_sdxl_time_ids(height, width, dim=256):
+    """diffusers' StableDiffusionXLPipeline `_get_add_time_ids` (original size, crop (0, 0), target size) for the
+    size the official FreCaS pipeline conditions every stage on (xtudbxk/FreCaS main.py passes no size: the
+    pipeline's default, the first stage's 1024²), each id through the UNet's `add_time_proj`, a sinusoidal embedding
+    (flip_sin_to_cos: cosines first, downscale_freq_shift 0), in float64."""
+    ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float64)
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+    angles = ids[:, None] * frequencies[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).flatten()
+
+
+@pytest.mark.parametrize("given", [None, (96, 80)])
+def test_sdxl_stages_keep_the_first_stage_size_conditioning(comfy, given):
+    """On (slim) SDXL every model call of every stage carries the size time-ids of the first stage (32² pixels here,
+    ComfyUI's 8 pixels per latent cell), not the stage's own (64² in the second), as the official pipeline computes
+    them once; a size the conditioning gives itself (CLIPTextEncodeSDXL's) is kept."""
+    model, positive, negative, latent = setup("sdxl")
+    if given is not None:
+        positive, negative = ([[t, {**o, "height": given[0], "width": given[1]}] for t, o in c]
+                              for c in (positive, negative))
+    unet = model.get_model_object("diffusion_model")
+    calls = []
+    handle = unet.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0].shape[-1], kwargs["y"])),
+                                            with_kwargs=True)
+    try:
+        sample_frecas(model, positive, negative, latent, 0, settings(), (8, 8), progress=False)
+    finally:
+        handle.remove()
+    assert sorted({size for size, _ in calls}) == [4, 8]
+    want = official_sdxl_time_ids(*(given or (32, 32)))
+    for size, y in calls:
+        for row in y:
+            assert rel_err(row[1280:], want) < 1e-6, f"latent {size}²: not the first stage's size time-ids"

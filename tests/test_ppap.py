@@ -439,17 +439,42 @@ def official_prediction(call, networks, targets, scale, flow, space, model):
     return predictions
 
 
-def check_guided_calls(calls, experts, targets, scale, flow, model):
-    """Each call's output is the official prediction of the official expert of its timestep, and a wrong expert would
-    show where PPAP moves the prediction; returns the experts used."""
+def official_clipped_prediction(call, networks, targets, scale, space):
+    """The x̂₀ that the official guided DDIM step uses, for each expert, on the reference model (pixel space, its x̂₀
+    in ADM's range [-1, 1]) in float64, written out from guided_diffusion/gaussian_diffusion.py (riiid/PPAP) in the
+    variance-preserving coordinates x_t = x/√(1 + σ²), ᾱ = 1/(1 + σ²): `p_mean_variance(clip_denoised=True)`
+    (pred_xstart = x̂₀.clamp(-1, 1)), then `condition_score` (eps = _predict_eps_from_xstart(x_t, pred_xstart);
+    eps −= √(1 − ᾱ) cond_fn(x_t); pred_xstart = _predict_xstart_from_eps(x_t, eps)), `cond_fn` the scaled gradient
+    of the expert's log-probability at x_t, the expert reading the pixels (x_t + 1)/2."""
+    sigma = call["sigma"]
+    alpha_bar = 1 / (1 + sigma ** 2)
+    sqrt_recip, sqrt_recipm1 = math.sqrt(1 / alpha_bar), math.sqrt(1 / alpha_bar - 1)
+    x_t = call["x"].double() / math.sqrt(1 + sigma ** 2)
+    pred_xstart = call["denoised"].double().clamp(-1, 1)
+    predictions = []
+    for network in networks:
+        eps = (sqrt_recip * x_t - pred_xstart) / sqrt_recipm1
+        cond = scale * official.class_gradient(network, x_t, targets, lambda x: space.scale * x + space.offset)
+        eps = eps - math.sqrt(1 - alpha_bar) * cond
+        predictions.append(sqrt_recip * x_t - sqrt_recipm1 * eps)
+    return predictions
+
+
+def check_guided_calls(calls, experts, targets, scale, flow, model, clipped=False):
+    """Each call's output is the official prediction of the official expert of its timestep (`clipped`: the official
+    clip_denoised=True one on the reference model), and a wrong expert would show where PPAP moves the prediction;
+    returns the experts used."""
     networks = [official.expert_network(experts.classifier.network, s, experts.rank, experts.alpha)
                 for s in experts.states]
     used = []
     for call in calls:
         index = official.step_to_classifier_index(official_timestep(model, call["sigma"], flow), experts.count)
-        predictions = official_prediction(call, networks, targets, scale, flow, experts.input_map, model)
-        assert rel_err(call["guided"], predictions[index]) < 1e-5, (call["sigma"], index)
-        if rel_err(predictions[index], call["denoised"]) > 1e-3:
+        predictions = (official_clipped_prediction(call, networks, targets, scale, experts.input_map) if clipped else
+                       official_prediction(call, networks, targets, scale, flow, experts.input_map, model))
+        assert rel_err(call["guided"], predictions[index]) < 1e-5, \
+            f"sigma {call['sigma']:.4g}: not the official guided x̂₀ of expert {index} (clip_denoised {clipped})"
+        unguided = call["denoised"].double().clamp(-1, 1) if clipped else call["denoised"]
+        if rel_err(predictions[index], unguided) > 1e-3:
             used.append(index)
             assert min(rel_err(call["guided"], p) for k, p in enumerate(predictions) if k != index) > 1e-4
     return used
@@ -478,9 +503,12 @@ def test_each_call_is_the_official_guided_prediction(comfy, family, prediction, 
     assert len(set(used)) >= 2
 
 
-def test_reference_model_is_guided_through_its_pixels(comfy):
+@pytest.mark.parametrize("clip_denoised", [True, False])
+def test_reference_model_is_guided_through_its_pixels(comfy, clip_denoised):
     """The reference model (v-prediction, pixel space) with the reference classifier's experts: the expert reads the
-    model input as pixels, (x_t + 1)/2, and the gradient flows back through that map."""
+    model input as pixels, (x_t + 1)/2, and the gradient flows back through that map. With clip_denoised (the
+    default) each call's output is the official clipped guided x̂₀; without it, the unclipped prediction plus the
+    same shift. Some predictions leave [-1, 1] (else the clip would go unchecked)."""
     model, vae, classes, _, _ = reference_inputs()
     classifier = fashion_classifier()
     space = ppap_patch.input_map(model, classifier, vae, DISPLAY_NAME)
@@ -489,9 +517,11 @@ def test_reference_model_is_guided_through_its_pixels(comfy):
     positive, negative, _ = ReferenceClassConditioning.execute(classes, "trouser", 2).result
     latent = {"samples": torch.zeros(2, 3, 32, 32)}
     recorder = Calls()
-    patched = recorder.around(model, lambda m: apply_ppap(m, experts, ClassifierTargets(classifier, (2, 7)), 2.0))
+    targets = ClassifierTargets(classifier, (2, 7))
+    patched = recorder.around(model, lambda m: apply_ppap(m, experts, targets, 2.0, clip_denoised=clip_denoised))
     sample(patched, positive, negative, latent, steps=3)
-    used = check_guided_calls(recorder.calls, experts, torch.tensor([2, 7]), 2.0, False, model)
+    assert any(call["denoised"].abs().max() > 1.01 for call in recorder.calls)
+    used = check_guided_calls(recorder.calls, experts, torch.tensor([2, 7]), 2.0, False, model, clip_denoised)
     assert len(set(used)) >= 2
 
 

@@ -270,6 +270,7 @@ FRECAS_BAD_VALUES = [
     ({"steps": "2, 0"}, "every stage needs at least one step"),
     ({"stage_ends": "100, 300, 0", "steps": "2, 2, 2"}, "stage_ends must not rise from stage to stage"),
     ({"gamma": NAN}, "gamma is nan"),
+    ({"cfg": NAN}, "cfg is nan"),
     ({"cfg_high": INF}, "cfg_high is inf"),
     ({"attention_fusion": NAN}, "attention_fusion is nan"),
     ({"attention_fusion": 1.5}, "attention_fusion is 1.5: enter a number between 0 and 1"),
