@@ -369,7 +369,7 @@ def test_workflow_fits_the_window(frontend, path):
                    for i, a in enumerate(nodes) for b in nodes[i + 1:] if overlap(a["graph_rect"], b["graph_rect"])]
         covered += [f"{as_drawn(n, saved[n['id']])} covers the title of group {g['title']!r}" for n in nodes
                     for g in graph["groups"] if overlap(n["graph_rect"], g["graph_title_rect"])]
-        assert covered == [], "drawn nodes that cover another node or a group title (a node grew past the slack?)"
+        assert covered == [], "drawn nodes that cover another node or a group title (saved too close, or drawn larger than the slack)"
 
 
 def test_cfgpp_guidance_reads_lambda(frontend):
