@@ -17,6 +17,9 @@ PACK = "comfyui_guidance"
 # CPU only; deterministic torch algorithms; no API nodes (they want the network).
 COMFY_ARGS = ["--cpu", "--deterministic", "--disable-api-nodes"]
 SERVER_START_S = 180
+# Names a frontend's static folder (e.g. DIR/comfyui_frontend_package/static of `pip install --target DIR --no-deps
+# comfyui-frontend-package==X`) for the server to serve instead of the host's own; unset, the host's own.
+FRONTEND_ROOT = "GUIDANCE_FRONTEND_ROOT"
 
 
 def link_pack(custom_nodes):
@@ -28,12 +31,15 @@ def link_pack(custom_nodes):
 
 
 class ComfyServer:
-    """A ComfyUI server in a subprocess, on 127.0.0.1, with its own base directory; every wait is bounded."""
+    """A ComfyUI server in a subprocess, on 127.0.0.1, with its own base directory; every wait is bounded. It serves
+    the frontend that $GUIDANCE_FRONTEND_ROOT names, if set (ComfyUI's --front-end-root; its log then names that folder
+    as the web root)."""
 
     def __init__(self, base, comfyui, args=COMFY_ARGS):
         self.base = base
         self.comfyui = pathlib.Path(comfyui)
-        self.args = list(args)
+        frontend = os.environ.get(FRONTEND_ROOT)
+        self.args = [*args, *(["--front-end-root", frontend] if frontend else [])]
         self.log_path = base / "server.log"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -1,7 +1,7 @@
 """The shipped UI workflows load in the ComfyUI frontend: a consistent LiteGraph graph whose every node and widget
 value the running server accepts, equal to the shipped API workflow, with real-world settings for the CFG-vs-APG
-and FreCaS-vs-CFG comparisons and the bench's settings for the PPAP workflows. Widget values are checked against the
-server's /object_info, in the order the frontend assigns them."""
+and FreCaS-vs-CFG comparisons and the bench's settings for the PPAP workflows, laid out with room for any font. Widget
+values are checked against the server's /object_info, in the order the frontend assigns them."""
 
 import json
 import re
@@ -34,6 +34,20 @@ FRECAS_COMPARISONS = {
     "FreCaS vs CFG (reference model)": (None, 32, ("20, 10", "100, 0", 1.0, 4.0, 4.0, 0.9, "euler"), (2.0, 4.0)),
 }
 FRECAS_SETTINGS = ("steps", "stage_ends", "gamma", "cfg", "cfg_high", "attention_fusion", "sampler_name")
+# Room in the layouts. The frontend draws text in the fonts the machine has (Arial is DejaVu Sans on a bare Debian,
+# later frontends draw Inter) and grows a node that its title does not fit, so a layout fitted to one browser's text
+# makes nodes overlap in another. The saved layouts leave room instead; tests/test_frontend_browser.py checks what a
+# browser draws of them.
+LAYOUT_GAP_PX = 24  # at least this between two nodes (title bars included) and between a node and a group's title bar
+NODE_TITLE_PX = 30  # LiteGraph's NODE_TITLE_HEIGHT: a node's title bar, above its pos
+GROUP_TITLE_EM = 1.4  # a group's title bar is this many times its font size high (LiteGraph's LGraphGroup)
+NODE_TITLE_FONT_PX = 14  # LiteGraph's NODE_TEXT_SIZE
+# LiteGraph's own estimate of a text's width (compute_text_size); on the shipped titles Chromium measured at most
+# 0.63 em per character in DejaVu Sans and 0.60 in Inter, which TITLE_SPARE_PX absorbs.
+TEXT_EM_PER_CHARACTER = 0.6
+TITLE_PADDING_PX = NODE_TITLE_PX * 4 / 3  # LiteGraph's computeSize: the title's width plus the bar's height and a third
+TITLE_SPARE_PX = 24  # beyond the estimate, for a wider font
+GROUP_TITLE_PADDING_PX = 10  # LiteGraph draws a group's title a few pixels in from its left edge
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +59,44 @@ def test_every_ui_workflow_has_an_api_twin():
     """The UI and API folders hold the same workflows, by file name."""
     assert [p.name for p in UI_WORKFLOWS] == [p.name for p in API_WORKFLOWS]
     assert set(APG_COMPARISONS) | set(FRECAS_COMPARISONS) <= {p.stem for p in UI_WORKFLOWS}
+
+
+def separation(a, b):
+    """How far apart rectangles [x, y, w, h] a and b are along the axis that separates them most (negative: they
+    overlap)."""
+    return max(b[0] - (a[0] + a[2]), a[0] - (b[0] + b[2]), b[1] - (a[1] + a[3]), a[1] - (b[1] + b[3]))
+
+
+def title_width(title, font_px):
+    """LiteGraph's estimate of the width of `title` drawn at `font_px`."""
+    return TEXT_EM_PER_CHARACTER * font_px * len(title)
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_layout_leaves_slack(path, comfy):
+    """On the saved layout, no browser needed: every node (title bar included) is LAYOUT_GAP_PX or more from every
+    other node and from every group's title bar, so a node drawn up to that much larger still covers nothing; every
+    node is wide enough for the title the frontend shows (its own, or else its type's display name) by LiteGraph's
+    estimate with TITLE_SPARE_PX to spare, and every group for its title."""
+    graph = load(path)
+    titles = {f"node {n['id']}": n.get("title") or comfy.NODE_DISPLAY_NAME_MAPPINGS.get(n["type"], n["type"])
+              for n in graph["nodes"]}
+    nodes = {f"node {n['id']}": [n["pos"][0], n["pos"][1] - NODE_TITLE_PX, n["size"][0], n["size"][1] + NODE_TITLE_PX]
+             for n in graph["nodes"]}
+    group_titles = {f"group {g['title']!r}": [*g["bounding"][:3], GROUP_TITLE_EM * g.get("font_size", 24)]
+                    for g in graph["groups"]}
+    names = list(nodes)
+    pairs = [(a, b, nodes[b]) for i, a in enumerate(names) for b in names[i + 1:]]
+    pairs += [(a, f"the title bar of {b}", bar) for a in names for b, bar in group_titles.items()]
+    close = [f"{a} ({titles[a]!r}) and {b}: {separation(nodes[a], rect):.0f} px apart" for a, b, rect in pairs
+             if separation(nodes[a], rect) < LAYOUT_GAP_PX]
+    assert close == [], f"{path.stem}: closer than {LAYOUT_GAP_PX} px"
+    narrow = [f"{name} ({titles[name]!r}): {rect[2]} px wide, needs {need:.0f}" for name, rect in nodes.items()
+              if rect[2] < (need := TITLE_PADDING_PX + title_width(titles[name], NODE_TITLE_FONT_PX) + TITLE_SPARE_PX)]
+    narrow += [f"group {g['title']!r}: {g['bounding'][2]} px wide, needs {need:.0f}" for g in graph["groups"]
+               if g["bounding"][2] < (need := GROUP_TITLE_PADDING_PX + TITLE_SPARE_PX
+                                      + title_width(g["title"], g.get("font_size", 24)))]
+    assert narrow == [], f"{path.stem}: too narrow for the title"
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
