@@ -90,7 +90,7 @@ for cell in "${CELLS[@]}"; do
   if [ "$scope" = "$BROWSER_TESTS" ]; then targets=("$BROWSER_TESTS"); fi
   run_pytest "${PYTEST_ARGS[@]}" "${targets[@]}" 2>&1 | tee "$LOG"
   status=${PIPESTATUS[0]}
-  summary=$(grep -E '[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran' "$LOG" | tail -1)
+  summary=$(grep -E '([0-9]+ (passed|failed|skipped|errors?)|no tests ran).* in [0-9.]+s\b' "$LOG" | tail -1)
   passed=$(count passed "$summary") failed=$(count failed "$summary") errors=$(count 'errors?' "$summary")
   skipped=$(count skipped "$summary")
   failed=$(( ${failed:-0} + ${errors:-0} ))
