@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import inspect
+import itertools
 import os
 import pathlib
 import tempfile
@@ -278,6 +279,27 @@ def sample_custom_advanced(model, positive, negative, latent, cfg, steps=4, samp
     return _run_node(
         "SamplerCustomAdvanced", noise=_run_node("RandomNoise", noise_seed=seed)[0], guider=guider,
         sampler=sampler, sigmas=sigmas, latent_image=latent)[0]
+
+
+def interrupting(model, steps):
+    """A clone of `model` whose sampling runs are interrupted after `steps` guided predictions (one per step of a
+    first-order sampler) the way the server's /interrupt does it: the flag is set, and ComfyUI raises
+    InterruptProcessingException at its next check, which every layer of the model makes. The caller clears the flag
+    afterwards (`comfy.model_management.interrupt_current_processing(False)`).
+
+    A post-CFG hook counts the steps, not the progress hook: which progress updates reach that is the host's choice
+    (0.33 throttles them to one per 0.1 s).
+    """
+    made = itertools.count(1)
+
+    def interrupt_after_steps(args):
+        if next(made) == steps:
+            comfy.model_management.interrupt_current_processing()
+        return args["denoised"]
+
+    clone = model.clone()
+    clone.set_model_sampler_post_cfg_function(interrupt_after_steps)
+    return clone
 
 
 def _run_node(node_id, **inputs):
