@@ -72,7 +72,7 @@ count() { grep -oE "[0-9]+ $1" <<<"$2" | grep -oE '^[0-9]+' | head -1 || true; }
 
 for cell in "${CELLS[@]}"; do
   IFS='|' read -r comfyui frontend scope <<<"$cell"
-  title="ComfyUI $comfyui, frontend ${frontend:-(its own)}: $scope"
+  title="ComfyUI $comfyui + frontend ${frontend:-(its own)}, $scope"
   echo "=============== $title ==============="
   start=$SECONDS
   setup_cell "$comfyui" "$frontend"
@@ -85,7 +85,7 @@ for cell in "${CELLS[@]}"; do
     TOTAL_FAILED=$((TOTAL_FAILED + 1)) ANY_FAILED=1
     continue
   fi
-  title="ComfyUI $comfyui, frontend $FRONTEND: $scope"
+  title="ComfyUI $comfyui + frontend $FRONTEND, $scope"
   targets=()
   if [ "$scope" = "$BROWSER_TESTS" ]; then targets=("$BROWSER_TESTS"); fi
   run_pytest "${PYTEST_ARGS[@]}" "${targets[@]}" 2>&1 | tee "$LOG"
