@@ -13,7 +13,8 @@
 # on the last line; the exit status is non-zero if any cell failed.
 # With --comfyui and/or --frontend it runs that one cell (the whole suite, or what the pytest arguments select), e.g.
 #   bash scripts/test.sh --comfyui 0.33.0 --frontend 1.58.1 -k apg
-# Any other argument goes to pytest, in every cell.
+# Any other argument goes to pytest, in every cell; the browser cells run only their file, and only when the test
+# paths given (if any) include it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,6 +63,12 @@ CELLS=(  # ComfyUI version | frontend version (empty: the host's own) | what run
   "0.33.0|1.58.1|$BROWSER_TESTS"
   "0.3.75|1.58.1|$BROWSER_TESTS"
 )
+# The pytest arguments that name tests (paths, with or without ::node ids) and the others: a browser cell runs its
+# file with the others, and only if no paths were given or they include it.
+TEST_PATHS=() OPTIONS=()
+for arg in "${PYTEST_ARGS[@]}"; do
+  if [ "${arg#-}" = "$arg" ] && [ -e "${arg%%::*}" ]; then TEST_PATHS+=("$arg"); else OPTIONS+=("$arg"); fi
+done
 RESULTS=()
 TOTAL_PASSED=0 TOTAL_FAILED=0 TOTAL_SKIPPED=0 ANY_FAILED=0
 LOG=$(mktemp)
@@ -73,6 +80,16 @@ count() { grep -oE "[0-9]+ $1" <<<"$2" | grep -oE '^[0-9]+' | head -1 || true; }
 for cell in "${CELLS[@]}"; do
   IFS='|' read -r comfyui frontend scope <<<"$cell"
   title="ComfyUI $comfyui + frontend ${frontend:-(its own)}, $scope"
+  targets=()
+  if [ "$scope" = "$BROWSER_TESTS" ]; then
+    if [ ${#TEST_PATHS[@]} -gt 0 ] && ! printf '%s\n' "${TEST_PATHS[@]}" | grep -q "^$BROWSER_TESTS"; then
+      RESULTS+=("NOT RUN  $title: the test paths given do not include it")
+      continue
+    fi
+    targets=("${OPTIONS[@]}" "$BROWSER_TESTS")
+  else
+    targets=("${PYTEST_ARGS[@]}")
+  fi
   echo "=============== $title ==============="
   start=$SECONDS
   setup_cell "$comfyui" "$frontend"
@@ -86,9 +103,7 @@ for cell in "${CELLS[@]}"; do
     continue
   fi
   title="ComfyUI $comfyui + frontend $FRONTEND, $scope"
-  targets=()
-  if [ "$scope" = "$BROWSER_TESTS" ]; then targets=("$BROWSER_TESTS"); fi
-  run_pytest "${PYTEST_ARGS[@]}" "${targets[@]}" 2>&1 | tee "$LOG"
+  run_pytest "${targets[@]}" 2>&1 | tee "$LOG"
   status=${PIPESTATUS[0]}
   summary=$(grep -E '([0-9]+ (passed|failed|skipped|errors?)|no tests ran).* in [0-9.]+s\b' "$LOG" | tail -1)
   passed=$(count passed "$summary") failed=$(count failed "$summary") errors=$(count 'errors?' "$summary")
