@@ -106,3 +106,29 @@ def comfy_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def noise_draws(monkeypatch):
+    """Every noise tensor drawn from ComfyUI's default noise sampler during the test, in order.
+
+    A float64 replay takes the noise of an ancestral run from here rather than drawing it again from the run's
+    seed: how a sampler turns a seed into noise is ComfyUI's to change (0.33 adds 1 to it on CPU).
+    """
+    import comfy.k_diffusion.sampling as sampling
+
+    draws = []
+    make_sampler = sampling.default_noise_sampler
+
+    def recording_noise_sampler(x, seed=None):
+        sample = make_sampler(x, seed=seed)
+
+        def draw(sigma, sigma_next):
+            noise = sample(sigma, sigma_next)
+            draws.append(noise.clone())
+            return noise
+
+        return draw
+
+    monkeypatch.setattr(sampling, "default_noise_sampler", recording_noise_sampler)
+    return draws

@@ -13,11 +13,15 @@ Importing this module needs ComfyUI on sys.path and its nodes loaded (tests/conf
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import inspect
+import itertools
 import os
 import pathlib
 import tempfile
 
+import comfy.ldm.flux.model
 import comfy.ldm.models.autoencoder
 import comfy.model_base
 import comfy.model_management
@@ -54,6 +58,27 @@ def unet_config(channels, mult, res_blocks, depth, depth_middle, depth_output, c
     return config
 
 
+def flux_config(**params):
+    """A Flux unet_config from Flux-dev's settings `params`, with every other field that this ComfyUI's `FluxParams`
+    requires set to the empty value of its type.
+
+    The fields are read from the dataclass at run time, since they grow between releases (0.33 added
+    `txt_ids_dims`): an empty list is what `comfy.model_detection` reads back for Flux dev (no text position axes), so
+    a new field that ComfyUI fills that way keeps Flux dev's behaviour. A new required field of another type fails
+    here, by name.
+    """
+    config = {"image_model": "flux", **params}
+    for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams):
+        if field.name in config or field.default is not dataclasses.MISSING \
+                or field.default_factory is not dataclasses.MISSING:
+            continue
+        kind = getattr(builtins, field.type) if isinstance(field.type, str) else field.type
+        if kind not in (list, tuple, dict):
+            raise TypeError(f"FluxParams requires {field.name}: {field.type}, which flux_config has no value for")
+        config[field.name] = kind()
+    return config
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One model family: ComfyUI's config and model classes, a slim backbone, and the conditioning it takes."""
@@ -83,9 +108,9 @@ FAMILIES = {
     # Flux-dev layout: double- then single-stream blocks, 2x2 patches, guidance embedding, T5 context + CLIP-L pooled.
     "flux": Family(
         comfy.supported_models.Flux, comfy.model_base.Flux,
-        {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
-         "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
-         "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True},
+        flux_config(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=128,
+                    mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000,
+                    patch_size=2, qkv_bias=True, guidance_embed=True),
         {"flow": ModelType.FLUX}, 16, 32, 4096, 768),
     # Wan 2.1 text-to-video layout: 5-D latents [B, 16, T, H, W], 1x2x2 patches, umT5 context.
     "wan21": Family(
@@ -256,6 +281,27 @@ def sample_custom_advanced(model, positive, negative, latent, cfg, steps=4, samp
         sampler=sampler, sigmas=sigmas, latent_image=latent)[0]
 
 
+def interrupting(model, steps):
+    """A clone of `model` whose sampling runs are interrupted after `steps` guided predictions (one per step of a
+    first-order sampler) the way the server's /interrupt does it: the flag is set, and ComfyUI raises
+    InterruptProcessingException at its next check, which every layer of the model makes. The caller clears the flag
+    afterwards (`comfy.model_management.interrupt_current_processing(False)`).
+
+    A post-CFG hook counts the steps, not the progress hook: which progress updates reach that is the host's choice
+    (0.33 throttles them to one per 0.1 s).
+    """
+    made = itertools.count(1)
+
+    def interrupt_after_steps(args):
+        if next(made) == steps:
+            comfy.model_management.interrupt_current_processing()
+        return args["denoised"]
+
+    clone = model.clone()
+    clone.set_model_sampler_post_cfg_function(interrupt_after_steps)
+    return clone
+
+
 def _run_node(node_id, **inputs):
     """Run a loaded (schema v3) ComfyUI node class by id and return its outputs."""
     return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
@@ -310,5 +356,17 @@ def checkpoint_state_dict(name, seed=0):
     vae_config = dict(SD_VAE_CONFIG, z_channels=spec.latent_channels)
     vae = randomize_(comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=vae_config, embed_dim=spec.latent_channels),
                      seed + 2)
-    state = model.state_dict_for_saving(clip.get_sd(), vae.state_dict())
+    state = state_dict_for_saving(model, clip.get_sd(), vae.state_dict())
     return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+def state_dict_for_saving(model, clip_state_dict, vae_state_dict):
+    """The checkpoint layout of `model` (a comfy.model_base model) with these text-encoder and VAE weights.
+
+    Called by keyword: ComfyUI 0.33 put the UNet's state dict first (its ModelPatcher passes it in), where 0.3.75
+    read it from the model itself; the UNet's weights are given when the signature asks for them.
+    """
+    unet = {}
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        unet["unet_state_dict"] = model.diffusion_model.state_dict()
+    return model.state_dict_for_saving(clip_state_dict=clip_state_dict, vae_state_dict=vae_state_dict, **unet)

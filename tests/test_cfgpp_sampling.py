@@ -131,7 +131,7 @@ def test_ddim_step_is_the_papers_update_in_float64(comfy, family, prediction):
 
 @pytest.mark.parametrize("method", ["euler_ancestral", "dpmpp_2m", "dpmpp_2s_ancestral"])
 @pytest.mark.parametrize("family,prediction", PARAMETERISATIONS)
-def test_sampler_is_the_dpm_solver_reference_in_float64(comfy, family, prediction, method):
+def test_sampler_is_the_dpm_solver_reference_in_float64(comfy, noise_draws, family, prediction, method):
     """Every model call (midpoints included) and the result are those of the float64 DDIM / DPM-Solver++ reference
     in the paper's variables, run on the predictions the model gave and, for the ancestral samplers, on ComfyUI's
     noise of the run's seed: each factor α' of a flow model's update counts. Five steps, so that 2M's multistep
@@ -150,10 +150,8 @@ def test_sampler_is_the_dpm_solver_reference_in_float64(comfy, family, predictio
         return cond.double(), uncond.double()
 
     sigmas = sigmas_of(comfy, model, 5).tolist()
-    noise = torch.Generator().manual_seed(3)  # core's default_noise_sampler(x, seed) draws one per step
-    noises = [torch.randn(latent["samples"].shape, generator=noise) for _ in sigmas[1:]]
     z = recorder.calls[0][0].double() * paper_coefficients(sigmas[0], flow)[2]
-    want = cfgpp_reference.sample(method, recorded, z, sigmas, LAMBDA, flow, noises=noises)
+    want = cfgpp_reference.sample(method, recorded, z, sigmas, LAMBDA, flow, noises=noise_draws)
     assert next(calls, None) is None
     assert rel_err(model.model.process_latent_in(out), want) < 1e-5
 

@@ -24,7 +24,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from comfy.k_diffusion.sampling import default_noise_sampler
 from comfy.samplers import calc_cond_batch
 
 import slim_models
@@ -442,7 +441,7 @@ def test_cfgpp_refuses_patches_applied_by_scripts(comfy, pack):
 
 
 @pytest.mark.parametrize("family,method", SAMPLER_CASES, ids=[f"{f}-{m}" for f, m in SAMPLER_CASES])
-def test_pag_term_reaches_every_cfgpp_model_call(comfy, family, method):
+def test_pag_term_reaches_every_cfgpp_model_call(comfy, noise_draws, family, method):
     """Under every CFG++ sampler (eps and flow), each model call's guided prediction carries PAG's term: the
     sampler replayed in float64 on the recorded predictions plus s (D_c − D̂), with the same noise, visits the same
     states and ends at the same latent."""
@@ -462,8 +461,8 @@ def test_pag_term_reaches_every_cfgpp_model_call(comfy, family, method):
 
     x0 = recorder.calls[0].x
     sigmas = comfy.NODE_CLASS_MAPPINGS["BasicScheduler"].execute(model, "normal", 3, 1.0).result[0].double()
-    noise = default_noise_sampler(x0.float(), seed=5)
-    options = {"noise_sampler": lambda s, t: noise(s, t).double()} if method in cfgpp.ANCESTRAL else {}
+    noise = iter(noise_draws)  # the run's own noise, in the order it drew it
+    options = {"noise_sampler": lambda s, t: next(noise).double()} if method in cfgpp.ANCESTRAL else {}
     flow = family == "flux"
     replayed = cfgpp.SAMPLERS[method](replay, x0, sigmas, disable=True, guidance=LAMBDA,
                                       space=cfgpp.SigmaSpace(flow=flow), **options)

@@ -117,9 +117,10 @@ def test_cfgpp_mask_of_ones_is_the_sampler_bit_for_bit(comfy, family, prediction
                                     mask=torch.ones(2, 2 * SIZE, 2 * SIZE)))
 
 
-def replay(comfy, model, method, recorder, out, weight, flow, steps=5, seed=3):
+def replay(comfy, model, method, recorder, out, weight, flow, noises, steps=5):
     """(the sampler's result in the paper's variables, cfgpp_reference's float64 result on the recorded predictions
-    with the unconditional prediction D_c + m (D_u − D_c), i.e. D_c where m = 0 and D_u where m = 1)."""
+    with the unconditional prediction D_c + m (D_u − D_c), i.e. D_c where m = 0 and D_u where m = 1, and on the
+    run's `noises`)."""
     calls = iter(recorder.calls)
 
     def recorded(z, a, s):
@@ -130,8 +131,6 @@ def replay(comfy, model, method, recorder, out, weight, flow, steps=5, seed=3):
         return cond, cond + weight * (uncond - cond)
 
     sigmas = sigmas_of(comfy, model, steps).tolist()
-    noise = torch.Generator().manual_seed(seed)  # core's default_noise_sampler(x, seed): one draw per step
-    noises = [torch.randn(recorder.calls[0][0].shape, generator=noise) for _ in sigmas[1:]]
     z = recorder.calls[0][0].double() * paper_coefficients(sigmas[0], flow)[2]
     want = cfgpp_reference.sample(method, recorded, z, sigmas, LAMBDA, flow, noises=noises)
     assert next(calls, None) is None
@@ -139,13 +138,13 @@ def replay(comfy, model, method, recorder, out, weight, flow, steps=5, seed=3):
 
 
 @pytest.mark.parametrize("family,prediction,method", CFGPP_CASES, ids=[f"{f}-{m}" for f, _, m in CFGPP_CASES])
-def test_cfgpp_mask_of_zeros_is_the_conditional_sampler_in_float64(comfy, family, prediction, method):
+def test_cfgpp_mask_of_zeros_is_the_conditional_sampler_in_float64(comfy, noise_draws, family, prediction, method):
     """Mask 0: every step denoises and renoises with the conditional prediction (the float64 reference with D_u
     replaced by D_c); five steps, so that 2M's history term is live on a flow schedule too."""
     model, positive, negative, latent = cfgpp_setup(family, prediction)
     recorder = Recorder(model)
     out = cfgpp(comfy, recorder.model, positive, negative, latent, method, mask=torch.zeros(1, SIZE, SIZE), steps=5)
-    got, want = replay(comfy, model, method, recorder, out, 0.0, prediction == "flow")
+    got, want = replay(comfy, model, method, recorder, out, 0.0, prediction == "flow", noise_draws)
     assert rel_err(got, want) < 1e-5
     plain = cfgpp(comfy, model, positive, negative, latent, method, steps=5)
     assert rel_err(out, plain) > 1e-4  # the mask did something (the slim models' D_c and D_u are close)
@@ -194,7 +193,7 @@ def test_cfgpp_half_mask_each_ddim_step_is_cfgpp_left_and_conditional_right(comf
 @pytest.mark.parametrize("family,prediction,method", [("sd15", "eps", "dpmpp_2m"), ("sd15", "eps", "euler_ancestral"),
                                                       ("flux", "flow", "dpmpp_2s_ancestral"),
                                                       ("flux", "flow", "dpmpp_2m")])
-def test_cfgpp_per_image_masks_resized_by_area_match_float64(comfy, family, prediction, method):
+def test_cfgpp_per_image_masks_resized_by_area_match_float64(comfy, noise_draws, family, prediction, method):
     """A batch of 2 with a mask per image at twice the image's size, random weights in [0, 1]: the float64 reference
     with each position's unconditional prediction D_c + m (D_u − D_c), m the mean of the mask's pixels over the
     latent cell; the two images' weights differ."""
@@ -203,7 +202,7 @@ def test_cfgpp_per_image_masks_resized_by_area_match_float64(comfy, family, pred
     recorder = Recorder(model)
     out = cfgpp(comfy, recorder.model, positive, negative, latent, method, mask=mask, steps=5)
     got, want = replay(comfy, model, method, recorder, out, area_weights(mask, latent["samples"]),
-                       prediction == "flow")
+                       prediction == "flow", noise_draws)
     assert rel_err(got, want) < 1e-4
 
 

@@ -11,11 +11,11 @@ import gc
 import weakref
 
 import comfy.model_management
-import comfy.utils
 import nodes
 import pytest
 import torch
 
+import slim_models
 import test_pag_sampling as pag_sampling
 from comfyui_guidance.guiders.apg import APGConfig
 from comfyui_guidance.guiders.pag import PAGConfig
@@ -39,28 +39,6 @@ METHODS = {
 }
 
 
-class Interrupted:
-    """Interrupts the next sampling run after `steps` steps as the ComfyUI server does on /interrupt: the flag is set
-    and the server's progress hook (main.hijack_progress) raises at the sampler's next progress update."""
-
-    def __init__(self, steps):
-        self.steps = steps
-
-    def __enter__(self):
-        self.replaced = comfy.utils.PROGRESS_BAR_HOOK
-        comfy.utils.set_progress_bar_global_hook(self.progress)
-        return self
-
-    def __exit__(self, *exc):
-        comfy.utils.set_progress_bar_global_hook(self.replaced)
-        comfy.model_management.interrupt_current_processing(False)
-
-    def progress(self, value, total, preview, node_id=None):
-        if value == self.steps:
-            comfy.model_management.interrupt_current_processing()
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-
 def sample(model, latent=None, start_step=None, last_step=None):
     """KSamplerAdvanced on the slim SD1.5 model: noise added at the first step's sigma, leftover noise returned when
     the run stops early; returns the samples."""
@@ -71,8 +49,12 @@ def sample(model, latent=None, start_step=None, last_step=None):
 
 
 def run_interrupted(model):
-    with Interrupted(SPLIT), pytest.raises(comfy.model_management.InterruptProcessingException):
-        sample(model)
+    """`sample` on `model`, interrupted after SPLIT steps as the server does on /interrupt."""
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            sample(slim_models.interrupting(model, SPLIT))
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
 
 
 FIRST_RUNS = {

@@ -208,7 +208,11 @@ def test_graph_is_consistent(workflow, object_info):
         for converted in (i for i in node["inputs"] if "widget" in i):  # a widget fed by a link
             assert converted["widget"]["name"] == converted["name"], f"{name}: node {node['id']} {converted}"
             assert widgets.get(converted["name"]) == converted["type"], f"{name}: node {node['id']} {converted}"
-        assert [o["type"] for o in node["outputs"]] == node_def["output"]
+        saved_outputs = [o["type"] for o in node["outputs"]]
+        if node_def["python_module"].startswith("custom_nodes."):  # the pack's own nodes: as they are now
+            assert saved_outputs == node_def["output"], f"{name}: node {node['id']} outputs"
+        else:  # a core node may have gained outputs since (0.33's SaveImage an IMAGE); the frontend adds them, unlinked
+            assert saved_outputs == node_def["output"][:len(saved_outputs)], f"{name}: node {node['id']} outputs"
         for slot, output in enumerate(node["outputs"]):
             for link_id in output["links"] or []:
                 assert links[link_id][1:3] == [node["id"], slot] and links[link_id][5] == output["type"]
