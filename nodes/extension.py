@@ -16,14 +16,9 @@ from .pag import PerturbedAttentionGuidance
 from .ppap import PPAPClassifierGuidance, PPAPLoadExperts, PPAPTrainExperts
 from .reference import EmptyReferenceLatent, ReferenceClassConditioning, ReferenceModelLoader
 from .saliency import SaliencyMapFromMarkers, SaliencyMarkersFromPoints
-from .validation import install_filing
 
 
 class GuidanceExtension(ComfyExtension):
-    @override
-    async def on_load(self) -> None:
-        install_filing(await self.get_node_list())  # each queue-time problem under its own input
-
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [AdaptiveProjectedGuidance, ReferenceModelLoader, ReferenceClassConditioning, EmptyReferenceLatent,
