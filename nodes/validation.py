@@ -37,21 +37,28 @@ class Refusal(str):
     inputs it concerns (`under`), for `file_under_inputs`."""
 
     def __new__(cls, node_name: str, problems: list[tuple[tuple[str, ...], str]]):
-        refusal = super().__new__(cls, f"{node_name}: " + "; ".join(text for _, text in problems) + ".")
+        refusal = super().__new__(cls, message(node_name, [text for _, text in problems]))
         refusal.node_name, refusal.problems = node_name, problems
         return refusal
 
     def under(self, input_name: str) -> str | None:
         """The message of the problems that concern `input_name`, or None."""
         texts = [text for inputs, text in self.problems if input_name in inputs]
-        return f"{self.node_name}: " + "; ".join(texts) + "." if texts else None
+        return message(self.node_name, texts) if texts else None
+
+
+def message(node_name: str, problems: list[str]) -> str:
+    """The text of a refusal: '<the node's display name>: <problem>; <problem>.'"""
+    return f"{node_name}: " + "; ".join(problems) + "."
 
 
 NUMBER_INPUTS = (io.Float.Input, io.Int.Input)
 
 
-def is_number(value) -> bool:
-    return isinstance(value, (int, float))
+def converted(spec, value) -> bool:
+    """Whether ComfyUI converted `value` to the number type of input `spec` (it leaves a value it cannot convert, such
+    as text, or NaN or inf for an INT input, as it came, and refuses it under that input)."""
+    return isinstance(value, int) if isinstance(spec, io.Int.Input) else isinstance(value, (int, float))
 
 
 def widget_problems(schema: io.Schema, values: dict) -> list[tuple[tuple[str, ...], str]]:
@@ -79,10 +86,10 @@ def check_widgets(node: type[io.ComfyNode], values: dict, *rules: Rule) -> "bool
     """True, or a `Refusal` naming the node (as the user sees it) and every problem: the widget checks, then each of
     `rules` (whose functions are called only when the values they read are present).
 
-    A number input whose value is no number is left out (as if linked): ComfyUI refuses it under its input."""
+    A number input whose value ComfyUI could not convert is left out (as if linked): ComfyUI refuses it itself."""
     schema = node.define_schema()  # GET_SCHEMA would cache it on the class, which ComfyUI locks while validating
     unconverted = {spec.id for spec in schema.inputs if isinstance(spec, NUMBER_INPUTS)
-                   and values.get(spec.id) is not None and not is_number(values[spec.id])}
+                   and values.get(spec.id) is not None and not converted(spec, values[spec.id])}
     values = {k: None if k in unconverted else v for k, v in values.items()}
     problems = widget_problems(schema, values)
     if not problems:
