@@ -97,6 +97,10 @@ class ReferenceClassConditioning(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
+
+    @classmethod
     def execute(cls, classes, class_name, images_per_class) -> io.NodeOutput:
         indices = range(len(classes["names"])) if class_name == ALL_CLASSES else [classes["names"].index(class_name)]
         rows = [class_conditioning(classes["tokens"], i)[0][0] for i in indices for _ in range(images_per_class)]
@@ -122,6 +126,10 @@ class EmptyReferenceLatent(io.ComfyNode):
             outputs=[io.Latent.Output(tooltip="An empty batch of reference-model images (3-channel pixel space): "
                                       "connect it to a sampler's latent_image.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, width, height, batch_size) -> io.NodeOutput:

@@ -68,23 +68,26 @@ def saliency(key):
 
 
 def cfgpp(key):
-    """Reference model, BasicScheduler (20) and CFG++ Sampler (21) → SamplerCustom (5, cfg 1) → VAE Decode → Save Image;
-    with CFG++ DDIM Inversion (22) of the empty latent and CFG++ DDIM Sample From Inversion (23) → Save Image (24)."""
+    """Reference model and BasicScheduler (20) → CFG++ Sampler (21) → SamplerCustom (5, cfg 1), or CFG++ DDIM Inversion
+    (22) of the empty latent → CFG++ DDIM Sample From Inversion (23); then VAE Decode → Save Image. One output only: a
+    prompt with another, good output would be queued for that one."""
     prompt = reference_prompt(APG, APG_INPUTS)
     del prompt["4"]
     conditioning = {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1]}
     prompt["20"] = {"class_type": "BasicScheduler",
                     "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0}}
-    prompt["21"] = {"class_type": "CFGppSampler", "inputs": {"sampler_name": "ddim", "guidance": 0.6}}
-    prompt["5"] = {"class_type": "SamplerCustom", "inputs": conditioning | {
-        "add_noise": True, "noise_seed": 1, "cfg": 1.0, "sampler": ["21", 0], "sigmas": ["20", 0],
-        "latent_image": ["3", 0]}}
-    prompt["22"] = {"class_type": "CFGppDDIMInversion", "inputs": conditioning | {
-        "latent_image": ["3", 0], "sigmas": ["20", 0], "guidance": 0.6}}
-    prompt["23"] = {"class_type": "CFGppDDIMSampleFromInversion", "inputs": conditioning | {
-        "inverted": ["22", 0], "sigmas": ["20", 0], "guidance": 0.6}}
-    prompt["24"] = {"class_type": "SaveImage", "inputs": {"images": ["25", 0], "filename_prefix": "refusals"}}
-    prompt["25"] = {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 1]}}
+    if key == "21":
+        prompt["21"] = {"class_type": "CFGppSampler", "inputs": {"sampler_name": "ddim", "guidance": 0.6}}
+        prompt["5"] = {"class_type": "SamplerCustom", "inputs": conditioning | {
+            "add_noise": True, "noise_seed": 1, "cfg": 1.0, "sampler": ["21", 0], "sigmas": ["20", 0],
+            "latent_image": ["3", 0]}}
+    else:
+        del prompt["5"]
+        prompt["22"] = {"class_type": "CFGppDDIMInversion", "inputs": conditioning | {
+            "latent_image": ["3", 0], "sigmas": ["20", 0], "guidance": 0.6}}
+        prompt["23"] = {"class_type": "CFGppDDIMSampleFromInversion", "inputs": conditioning | {
+            "inverted": ["22", 0], "sigmas": ["20", 0], "guidance": 0.6}}
+        prompt["6"]["inputs"]["samples"] = ["23", 0]
     return prompt, key
 
 
