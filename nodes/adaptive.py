@@ -114,8 +114,8 @@ class LinearAG(io.ComfyNode):
     def execute(cls, model, coefficients, threshold, criterion, mask=None) -> io.NodeOutput:
         path = folder_paths.get_full_path(COEFFICIENTS_FOLDER, coefficients)
         if path is None:
-            raise ValueError(f"{LINEAR_DISPLAY_NAME}: no coefficients file {coefficients!r} in models/{COEFFICIENTS_FOLDER}/"
-                             "; make one with Fit LinearAG Coefficients.")
+            raise ValueError(f"{LINEAR_DISPLAY_NAME}: no coefficients file {coefficients!r} in "
+                             f"models/{COEFFICIENTS_FOLDER}/; make one with Fit LinearAG Coefficients.")
         fitted = LinearAGCoefficients.load(path)
         check_model(fitted, model, LINEAR_DISPLAY_NAME)
         return io.NodeOutput(apply_ag(model, config_of(LINEAR_DISPLAY_NAME, threshold, criterion), fitted,

@@ -152,7 +152,7 @@ class AGDTrain(io.ComfyNode):
                 return f"hidden_dim is {width}: give an even width (the adapters' positions are sines and cosines)"
             return None
         return check_widgets(cls, values, FILENAME_RULE, Rule(("scale_low", "scale_high"), range_rule),
-                            Rule(("hidden_dim",), width_rule))
+                             Rule(("hidden_dim",), width_rule))
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, scale_low, scale_high, trajectories, trajectory_batch,

@@ -65,7 +65,8 @@ class PerturbedChunk:
     def runs(self, cond_or_uncond: list[int], rows: int) -> list[tuple[slice, bool]]:
         """Consecutive row ranges with whether they are perturbed."""
         if rows % len(cond_or_uncond):
-            raise RuntimeError(f"{DISPLAY_NAME}: a batch of {rows} rows does not split into {len(cond_or_uncond)} chunks")
+            raise RuntimeError(f"{DISPLAY_NAME}: a batch of {rows} rows does not split into "
+                               f"{len(cond_or_uncond)} chunks")
         size = rows // len(cond_or_uncond)
         runs = []
         for i, chunk in enumerate(cond_or_uncond):

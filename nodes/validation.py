@@ -76,7 +76,8 @@ def widget_problems(schema: io.Schema, values: dict) -> list[tuple[tuple[str, ..
                 problems.append(((spec.id,), f"{name} is {value}: enter a finite number {bounds} "
                                  f"(default {spec.default:g})"))
             elif spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
-                problems.append(((spec.id,), f"{name} is {value:g}: enter a number {bounds} (default {spec.default:g})"))
+                problems.append(((spec.id,), f"{name} is {value:g}: enter a number {bounds} "
+                                 f"(default {spec.default:g})"))
         elif isinstance(spec, io.Combo.Input) and value not in spec.options:
             problems.append(((spec.id,), f"{name} is {value!r}: choose one of {', '.join(map(str, spec.options))}"))
     return problems

@@ -210,8 +210,8 @@ def test_unprojected_text_encoder_is_refused(clip_vision):
 def test_mismatched_embedding_widths_are_refused(clip_vision):
     """SDXL's CLIP (pooled output: CLIP-G's, projected, here 64 wide) with a vision model projecting to 48."""
     sdxl_clip = slim_clip(comfy.supported_models.SDXL, clip_l=TEXT, clip_g=dict(TEXT, hidden_size=64))
-    with pytest.raises(ValueError, match=f"{DISPLAY_NAME}: the text encoder's embeddings have 64 dimensions and the CLIP "
-                       f"vision model's {WIDTH}.*clip_vision_g"):
+    with pytest.raises(ValueError, match=f"{DISPLAY_NAME}: the text encoder's embeddings have 64 dimensions and the "
+                                         f"CLIP vision model's {WIDTH}.*clip_vision_g"):
         build(clip_vision, sdxl_clip)
 
 

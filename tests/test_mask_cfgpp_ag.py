@@ -311,7 +311,8 @@ def test_ag_per_image_masks_resized_by_area(comfy, family, prediction):
 
 def test_ag_mask_batch_that_fits_neither_is_refused(comfy):
     model, positive, negative, latent = ag_setup()
-    with pytest.raises(ValueError, match=r"Adaptive Guidance \(AG\): mask has 3 images for a latent batch of 2: give 1"):
+    with pytest.raises(ValueError, match=r"Adaptive Guidance \(AG\): mask has 3 images for a latent batch of 2: "
+                                         "give 1"):
         slim_models.ksample(ag_masked(comfy, model, 0.991, torch.ones(3, SIZE, SIZE)), positive, negative, latent,
                             cfg=CFG, steps=2)
 

@@ -88,7 +88,8 @@ def prompt_for(node, changes):
 
 
 # The nodes' rules on two inputs: a problem either input causes is filed under both.
-PAIRED = [{"sigma_start", "sigma_end"}, {"scale_low", "scale_high"}, {"steps", "stage_ends"}, {"train_steps", "experts"}]
+PAIRED = [{"sigma_start", "sigma_end"}, {"scale_low", "scale_high"}, {"steps", "stage_ends"},
+          {"train_steps", "experts"}]
 
 
 def assert_refused_at_queue_time(comfy_server, prompt, name, changes, message):
