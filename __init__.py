@@ -12,5 +12,9 @@ WEB_DIRECTORY = "./web"
 
 async def comfy_entrypoint():
     from .nodes.extension import GuidanceExtension
+    from .nodes.validation import install_filing
 
-    return GuidanceExtension()
+    extension = GuidanceExtension()
+    # here rather than in on_load, which ComfyUI 0.3.75 never calls: each queue-time problem under its own input
+    install_filing(await extension.get_node_list())
+    return extension

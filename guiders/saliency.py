@@ -154,13 +154,13 @@ def latent_weights(masks: torch.Tensor, latent: torch.Tensor, node_name: str) ->
     if masks.ndim == 2:
         masks = masks.unsqueeze(0)
     if masks.ndim != 3:
-        raise ValueError(f"{node_name}: the mask has shape {tuple(masks.shape)}; a MASK is [batch, height, width]")
+        raise ValueError(f"{node_name}: mask has shape {tuple(masks.shape)}: give a MASK, [batch, height, width]")
     batch, size = latent.shape[0], latent.shape[-2:]
     frames = latent.shape[2] if latent.ndim == 5 else 1
     if masks.shape[0] not in (1, batch, batch * frames):
         per_frame = f", or {batch * frames} (one per frame)" if frames > 1 else ""
-        raise ValueError(f"{node_name}: the mask has {masks.shape[0]} images for a batch of {batch}; give 1 (every "
-                         f"image) or {batch} (one per image){per_frame}")
+        raise ValueError(f"{node_name}: mask has {masks.shape[0]} images for a latent batch of {batch}: give 1 (for "
+                         f"every image) or {batch} (one per image){per_frame}")
     m = masks.to(device=latent.device, dtype=torch.float32).unsqueeze(1)
     if tuple(m.shape[-2:]) != tuple(size):
         shrink = m.shape[-2] >= size[0] and m.shape[-1] >= size[1]

@@ -10,7 +10,7 @@ from ..guiders.adaptive import CRITERIA, DEFAULT_THRESHOLD, AGConfig
 from .adaptive_patch import (COEFFICIENTS_FOLDER, DISPLAY_NAME, FIT_DISPLAY_NAME, FIT_NODE_ID, LINEAR_DISPLAY_NAME,
                              LINEAR_NODE_ID, NODE_ID, LinearAGCoefficients, apply_ag, check_model, fit_linear_ag)
 from .reference import WEIGHTS_DIR
-from .validation import check_widgets, filename_rule
+from .validation import FILENAME_RULE, check_widgets
 
 REFERENCE_COEFFICIENTS = WEIGHTS_DIR / COEFFICIENTS_FOLDER
 
@@ -47,11 +47,11 @@ def ag_inputs(defaults: AGConfig, node: str) -> list:
     ]
 
 
-def config_of(node_id: str, threshold: float, criterion: str) -> AGConfig:
+def config_of(node_name: str, threshold: float, criterion: str) -> AGConfig:
     try:
         return AGConfig(threshold, criterion)
     except ValueError as e:  # values that came through links, which queue-time validation cannot see
-        raise ValueError(f"{node_id}: {e}.") from e
+        raise ValueError(f"{node_name}: {e}.") from e
 
 
 class AdaptiveGuidance(io.ComfyNode):
@@ -78,7 +78,7 @@ class AdaptiveGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, threshold, criterion, mask=None) -> io.NodeOutput:
-        return io.NodeOutput(apply_ag(model, config_of(NODE_ID, threshold, criterion), mask=mask))
+        return io.NodeOutput(apply_ag(model, config_of(DISPLAY_NAME, threshold, criterion), mask=mask))
 
 
 def coefficient_files() -> list[str]:
@@ -116,11 +116,11 @@ class LinearAG(io.ComfyNode):
     def execute(cls, model, coefficients, threshold, criterion, mask=None) -> io.NodeOutput:
         path = folder_paths.get_full_path(COEFFICIENTS_FOLDER, coefficients)
         if path is None:
-            raise ValueError(f"{LINEAR_NODE_ID}: no coefficients file {coefficients!r} in models/{COEFFICIENTS_FOLDER}/"
-                             "; make one with Fit LinearAG Coefficients.")
+            raise ValueError(f"{LINEAR_DISPLAY_NAME}: no coefficients file {coefficients!r} in "
+                             f"models/{COEFFICIENTS_FOLDER}/; make one with Fit LinearAG Coefficients.")
         fitted = LinearAGCoefficients.load(path)
         check_model(fitted, model, LINEAR_DISPLAY_NAME)
-        return io.NodeOutput(apply_ag(model, config_of(LINEAR_NODE_ID, threshold, criterion), fitted,
+        return io.NodeOutput(apply_ag(model, config_of(LINEAR_DISPLAY_NAME, threshold, criterion), fitted,
                                       LINEAR_DISPLAY_NAME, mask))
 
 
@@ -164,7 +164,7 @@ class FitLinearAG(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values, filename_rule)
+        return check_widgets(cls, values, FILENAME_RULE)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, sampler_name, scheduler, steps, cfg, seed, images,
@@ -176,7 +176,7 @@ class FitLinearAG(io.ComfyNode):
             fitted = fit_linear_ag(model, positive, negative, latent_image["samples"], sampler_name, scheduler, steps,
                                    cfg, seed, images, batch_size, lambda done, total: bar.update_absolute(done, total))
         except ValueError as e:
-            raise ValueError(f"{FIT_NODE_ID}: {e}") from e
+            raise ValueError(f"{FIT_DISPLAY_NAME}: {e}") from e
         folder = folder_paths.get_folder_paths(COEFFICIENTS_FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{filename}.safetensors")

@@ -11,7 +11,7 @@ from ..guiders.agd import AdapterSpec, save_adapters
 from .agd_patch import (BASE_CHECKS, DISPLAY_NAME, FOLDER, NODE_ID, TRAIN_DISPLAY_NAME, TRAIN_NODE_ID, TrainingSettings,
                         apply_agd, read_adapter_file, train_agd)
 from .reference import WEIGHTS_DIR
-from .validation import check_widgets, filename_rule, prefixed
+from .validation import FILENAME_RULE, Rule, check_widgets, prefixed
 
 REFERENCE_ADAPTERS = WEIGHTS_DIR / FOLDER
 
@@ -70,12 +70,12 @@ class AGDApply(io.ComfyNode):
     def execute(cls, model, adapters, scale, base_check, mask=None) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, adapters)
         if path is None:
-            raise ValueError(f"{NODE_ID}: no adapter file {adapters!r} in models/{FOLDER}/; train one with "
+            raise ValueError(f"{DISPLAY_NAME}: no adapter file {adapters!r} in models/{FOLDER}/; train one with "
                              f"{TRAIN_DISPLAY_NAME}.")
         try:
             return io.NodeOutput(apply_agd(model, read_adapter_file(path), scale, base_check, mask))
         except ValueError as e:
-            raise prefixed(NODE_ID, e) from e
+            raise prefixed(DISPLAY_NAME, e) from e
 
 
 class AGDTrain(io.ComfyNode):
@@ -151,7 +151,8 @@ class AGDTrain(io.ComfyNode):
             if width is not None and width % 2:
                 return f"hidden_dim is {width}: give an even width (the adapters' positions are sines and cosines)"
             return None
-        return check_widgets(cls, values, filename_rule, range_rule, width_rule)
+        return check_widgets(cls, values, FILENAME_RULE, Rule(("scale_low", "scale_high"), range_rule),
+                             Rule(("hidden_dim",), width_rule))
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, scale_low, scale_high, trajectories, trajectory_batch,
@@ -169,7 +170,7 @@ class AGDTrain(io.ComfyNode):
                                  AdapterSpec(hidden_dim=hidden_dim), work,
                                  lambda done, total: bar.update_absolute(done, total))
         except ValueError as e:
-            raise prefixed(TRAIN_NODE_ID, e) from e
+            raise prefixed(TRAIN_DISPLAY_NAME, e) from e
         path = folder / f"{filename}.safetensors"
         save_adapters(adapters, str(path))
         shutil.rmtree(work, ignore_errors=True)

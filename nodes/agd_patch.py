@@ -90,7 +90,7 @@ def new_adapters(model, spec: AdapterSpec, seed: int, node_name: str = TRAIN_DIS
     return adapters
 
 
-def check_base(adapters: AdapterSet, model, base_check: str, node_name: str = NODE_ID) -> None:
+def check_base(adapters: AdapterSet, model, base_check: str, node_name: str = DISPLAY_NAME) -> None:
     """Refuses adapters made for another base: another layout always, other weights under 'exact weights'."""
     points, time_dim, prompt_dim = attachment_points(model, node_name)
     if adapters.layout() != adapter_layout(points, adapters.spec, time_dim, prompt_dim):
@@ -111,7 +111,7 @@ def check_base(adapters: AdapterSet, model, base_check: str, node_name: str = NO
                          f"reports that adapters carry over to such checkpoints).")
 
 
-def read_adapter_file(path: str, node_name: str = NODE_ID) -> AdapterSet:
+def read_adapter_file(path: str, node_name: str = DISPLAY_NAME) -> AdapterSet:
     tensors, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
     try:
         return load_adapters(tensors, metadata)
@@ -207,7 +207,7 @@ class AGDPatch:
     def check_run(self, args: dict):
         """Pre-CFG hook: stops a run whose cfg is not 1, or that carries a patch needing the unconditional pass."""
         if not math.isclose(args["cond_scale"], 1.0):
-            raise ValueError(f"{NODE_ID}: the sampler's cfg is {args['cond_scale']:g}, but {self.node_name}'s "
+            raise ValueError(f"{self.node_name}: the sampler's cfg is {args['cond_scale']:g}, but the node's "
                              f"adapters already give the guided prediction at scale {self.scale:g} in one pass. Set "
                              "cfg to 1.0 on the KSampler (CFG on top would guide twice, at twice the cost).")
         problem = composition_problem(args["model_options"], self)
@@ -258,12 +258,12 @@ def apply_agd(model, adapters: AdapterSet, scale: float, base_check: str = "exac
     """A clone of the ModelPatcher `model` whose conditional pass gives CFG's prediction at `scale` (sample at cfg 1);
     `mask` (a MASK) weights the adapters per position: 1 is AGD, 0 the base model's conditional prediction."""
     if base_check not in BASE_CHECKS:
-        raise ValueError(f"{NODE_ID}: base_check must be one of {BASE_CHECKS}, not {base_check!r}")
+        raise ValueError(f"{DISPLAY_NAME}: base_check must be one of {BASE_CHECKS}, not {base_check!r}")
     check_base(adapters, model, base_check)
     low, high = (float(adapters.info[k]) for k in ("scale_low", "scale_high")) if "scale_low" in adapters.info \
         else (-math.inf, math.inf)
     if not low <= scale <= high:
-        raise ValueError(f"{NODE_ID}: these adapters were trained on guidance scales {low:g} to {high:g}; scale "
+        raise ValueError(f"{DISPLAY_NAME}: these adapters were trained on guidance scales {low:g} to {high:g}; scale "
                          f"{scale:g} is outside that range, where the adapters were never taught anything.")
     patch = AGDPatch(adapters, scale, mask)
     problem = composition_problem(model.model_options, patch)

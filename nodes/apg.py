@@ -5,7 +5,7 @@ from comfy_api.latest import io
 from ..guiders.apg import THRESHOLD_MODES, VIDEO_MODES, APGConfig
 from ..guiders.sigma_range import SIGMA_MAX, SIGMA_MIN
 from .apg_patch import DISPLAY_NAME, NODE_ID, apply_apg
-from .validation import check_widgets, sigma_range_rule
+from .validation import SIGMA_RANGE_RULE, check_widgets
 
 
 class AdaptiveProjectedGuidance(io.ComfyNode):
@@ -76,7 +76,7 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values, sigma_range_rule)
+        return check_widgets(cls, values, SIGMA_RANGE_RULE)
 
     @classmethod
     def execute(cls, model, eta, norm_threshold, momentum, sigma_start, sigma_end, mask=None,
@@ -84,5 +84,5 @@ class AdaptiveProjectedGuidance(io.ComfyNode):
         try:
             config = APGConfig(eta, norm_threshold, momentum, sigma_start, sigma_end, threshold_mode, video_mode)
         except ValueError as e:  # values that came through links, which queue-time validation cannot see
-            raise ValueError(f"{NODE_ID}: {e}.") from e
+            raise ValueError(f"{DISPLAY_NAME}: {e}.") from e
         return io.NodeOutput(apply_apg(model, config, mask))

@@ -49,9 +49,9 @@ class APGHook:
             guided_uncond = apg_cfg_uncond(cond, uncond, self.config, state, sigma)
         except ValueError as e:
             raise ValueError(
-                f"{NODE_ID}: {e} at sigma {sigma:.4g}. The model produced it before APG ran: run the model in "
+                f"{DISPLAY_NAME}: {e} at sigma {sigma:.4g}. The model produced it before APG ran: run the model in "
                 "float32 (e.g. start ComfyUI with --force-fp32) or check the checkpoint and LoRAs."
             ) from e
         if self.mask is not None:  # CFG at w of lerp(D_c, u, m) is D_c + m (w − 1) update: 0 leaves D_c
-            guided_uncond = torch.lerp(cond, guided_uncond, latent_weights(self.mask, cond, NODE_ID))
+            guided_uncond = torch.lerp(cond, guided_uncond, latent_weights(self.mask, cond, DISPLAY_NAME))
         return [cond, guided_uncond, *conds_out[2:]]

@@ -105,11 +105,12 @@ class PredictionCapture:
 
     def __call__(self, args: dict):
         if args["uncond"] is None:
-            raise ValueError(f"{self.node_id}: CFG++ needs the unconditional prediction, but the guider has no "
-                             "negative conditioning. Use CFGGuider (or SamplerCustom) with a negative prompt.")
+            raise ValueError(f"{NODE_NAMES[self.node_id]}: CFG++ needs the unconditional prediction, but the guider "
+                             "has no negative conditioning. Use CFGGuider (or SamplerCustom) with a negative prompt.")
         if not math.isclose(args["cond_scale"], 1.0):
-            raise ValueError(f"{self.node_id}: the guider's cfg is {args['cond_scale']:g}, but CFG++ takes its "
-                             "guidance from this sampler's lambda. Set cfg to 1.0 on CFGGuider or SamplerCustom.")
+            raise ValueError(f"{NODE_NAMES[self.node_id]}: the guider's cfg is {args['cond_scale']:g}, but CFG++ "
+                             "takes its guidance from this sampler's lambda. Set cfg to 1.0 on CFGGuider or "
+                             "SamplerCustom.")
         cond, uncond = args["cond_denoised"], args["uncond_denoised"]
         # The post-CFG patches that ran before this one (the capture runs last) are additive guidance terms (see
         # `composition_problem`): what they added to ComfyUI's CFG step, recomputed here bit for bit.
@@ -131,8 +132,9 @@ class PredictionPairModel:
         self.capture.pred = None
         self.model(x, sigma, **extra_args)
         if self.capture.pred is None:
-            raise ValueError(f"{self.capture.node_id}: the guider did not run ComfyUI's CFG step, so CFG++ got no "
-                             "unconditional prediction. Use CFGGuider (or SamplerCustom) with a negative prompt.")
+            raise ValueError(f"{NODE_NAMES[self.capture.node_id]}: the guider did not run ComfyUI's CFG step, so "
+                             "CFG++ got no unconditional prediction. Use CFGGuider (or SamplerCustom) with a negative "
+                             "prompt.")
         return self.capture.pred
 
 
@@ -162,7 +164,7 @@ def run_cfgpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
     sampler's per-position `weight` on this run's latent."""
     pair_model, extra_args = capturing(model, extra_args or {}, node_id)
     if mask is not None:
-        options["weight"] = latent_weights(mask, x, node_id)
+        options["weight"] = latent_weights(mask, x, NODE_NAMES[node_id])
     if seeded_noise:
         options["noise_sampler"] = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
     space = sigma_space(model.inner_model.model_patcher)
@@ -173,7 +175,8 @@ def cfgpp_sampler(method: str, guidance: float, mask: torch.Tensor | None = None
     """The SAMPLER of CFG++ sampler `method` at λ = `guidance`, for SamplerCustom and SamplerCustomAdvanced; `mask`
     (a MASK, [B, H, W] or [H, W] in [0, 1]) weights the guidance per position (1 = CFG++, 0 = conditional steps)."""
     if method not in cfgpp.SAMPLERS:
-        raise ValueError(f"{SAMPLER_NODE_ID}: unknown sampler {method!r}; choose one of {sorted(cfgpp.SAMPLERS)}.")
+        raise ValueError(f"{NODE_NAMES[SAMPLER_NODE_ID]}: unknown sampler {method!r}; choose one of "
+                         f"{sorted(cfgpp.SAMPLERS)}.")
     check_guidance_of(SAMPLER_NODE_ID, guidance)
     options = {"function": cfgpp.SAMPLERS[method], "node_id": SAMPLER_NODE_ID, "guidance": guidance,
                "seeded_noise": method in cfgpp.ANCESTRAL}
@@ -186,7 +189,7 @@ def check_guidance_of(node_id: str, guidance: float) -> None:
     try:
         cfgpp.check_guidance(guidance)
     except ValueError as e:
-        raise ValueError(f"{node_id}: {e}.") from e
+        raise ValueError(f"{NODE_NAMES[node_id]}: {e}.") from e
 
 
 class LatentStateSampler(comfy.samplers.Sampler):
@@ -230,12 +233,12 @@ def invert(model, positive, negative, latent: dict, sigmas: torch.Tensor, guidan
     if manifold_constrained:
         check_guidance_of(INVERSION_NODE_ID, guidance)
     if "noise_mask" in latent:
-        raise ValueError(f"{INVERSION_NODE_ID}: the latent has a noise mask; inversion works on whole latents. "
-                         "Remove the mask (e.g. encode with VAE Encode instead of VAE Encode for Inpaint).")
+        raise ValueError(f"{NODE_NAMES[INVERSION_NODE_ID]}: the latent has a noise mask; inversion works on whole "
+                         "latents. Remove the mask (e.g. encode with VAE Encode instead of VAE Encode for Inpaint).")
     try:
         walk = cfgpp.sampling_sigmas_for_inversion(sigmas)
     except ValueError as e:
-        raise ValueError(f"{INVERSION_NODE_ID}: {e}. Connect a scheduler's SIGMAS (e.g. BasicScheduler at "
+        raise ValueError(f"{NODE_NAMES[INVERSION_NODE_ID]}: {e}. Connect a scheduler's SIGMAS (e.g. BasicScheduler at "
                          "denoise 1), the same as for sampling back.") from e
     options = {"function": cfgpp.invert_ddim, "node_id": INVERSION_NODE_ID, "guidance": guidance,
                "manifold_constrained": manifold_constrained}
@@ -250,12 +253,13 @@ def sample_back(model, positive, negative, latent: dict, sigmas: torch.Tensor, g
     if manifold_constrained:
         check_guidance_of(SAMPLE_BACK_NODE_ID, guidance)
     if sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"{SAMPLE_BACK_NODE_ID}: the schedule must be a decreasing list of at least two sigmas; "
-                         "connect the scheduler that the inversion used.")
+        raise ValueError(f"{NODE_NAMES[SAMPLE_BACK_NODE_ID]}: the schedule must be a decreasing list of at least two "
+                         "sigmas; connect the scheduler that the inversion used.")
     inverted_sigma = latent.get(INVERTED_SIGMA_KEY)
     if inverted_sigma is not None and not math.isclose(inverted_sigma, float(sigmas[0]), rel_tol=1e-4):
-        raise ValueError(f"{SAMPLE_BACK_NODE_ID}: the latent was inverted to sigma {inverted_sigma:.4g}, but the "
-                         f"schedule starts at {float(sigmas[0]):.4g}. Connect the scheduler that the inversion used.")
+        raise ValueError(f"{NODE_NAMES[SAMPLE_BACK_NODE_ID]}: the latent was inverted to sigma {inverted_sigma:.4g}, "
+                         f"but the schedule starts at {float(sigmas[0]):.4g}. Connect the scheduler that the inversion "
+                         "used.")
     options = {"function": cfgpp.sample_ddim, "node_id": SAMPLE_BACK_NODE_ID, "guidance": guidance,
                "manifold_constrained": manifold_constrained}
     samples = run_from_latent(model, positive, negative, latent, sigmas, options)

@@ -8,11 +8,13 @@ from comfy_api.latest import io
 
 from ..guiders.classifier import ALL_CLASSES, target_classes
 from .classifier_patch import DEFAULT_CLASSIFIER, ClassifierTargets, classifier_files, reference_classifier
-from .validation import check_widgets
+from .validation import Rule, check_widgets
 
 GuidanceClassifier = io.Custom("GUIDANCE_CLASSIFIER")
 GuidanceClassifierTargets = io.Custom("GUIDANCE_CLASSIFIER_TARGETS")
+LOADER_DISPLAY_NAME = "Load Guidance Reference Classifier"
 TARGETS_NODE_ID = "GuidanceClassifierTargets"
+TARGETS_DISPLAY_NAME = "Classifier Target Classes"
 
 
 class ReferenceClassifierLoader(io.ComfyNode):
@@ -20,7 +22,7 @@ class ReferenceClassifierLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="GuidanceReferenceClassifierLoader",
-            display_name="Load Guidance Reference Classifier",
+            display_name=LOADER_DISPLAY_NAME,
             category="sampling/guidance/classifier",
             description="Loads the pack's classifier of the reference model's images (Fashion-MNIST, 10 classes, "
             "trained on clean images only), for classifier guidance of the reference model with EluCD. Connect "
@@ -42,7 +44,7 @@ class ReferenceClassifierLoader(io.ComfyNode):
         try:
             return io.NodeOutput(reference_classifier(weights))
         except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"GuidanceReferenceClassifierLoader: {e}.") from e
+            raise type(e)(f"{LOADER_DISPLAY_NAME}: {e}.") from e
 
 
 def targets_rule(values: dict) -> str | None:
@@ -64,7 +66,7 @@ class ClassifierTargetClasses(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=TARGETS_NODE_ID,
-            display_name="Classifier Target Classes",
+            display_name=TARGETS_DISPLAY_NAME,
             category="sampling/guidance/classifier",
             description="The class each image of the batch is guided towards. The list is repeated "
             "images_per_class times per class, in the order the reference model's class conditioning uses, so "
@@ -83,13 +85,13 @@ class ClassifierTargetClasses(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values, targets_rule)
+        return check_widgets(cls, values, Rule(("classes",), targets_rule))
 
     @classmethod
     def execute(cls, classifier, classes, images_per_class) -> io.NodeOutput:
         try:
             targets = target_classes(classes, classifier.class_names, images_per_class)
         except ValueError as e:
-            raise ValueError(f"{TARGETS_NODE_ID}: {e}.") from e
+            raise ValueError(f"{TARGETS_DISPLAY_NAME}: {e}.") from e
         return io.NodeOutput(ClassifierTargets(classifier, targets))
 

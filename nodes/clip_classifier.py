@@ -37,7 +37,7 @@ from comfy_api.latest import io
 
 from ..guiders.classifier import ImageClassifier
 from .classifier import GuidanceClassifier
-from .validation import check_widgets
+from .validation import Rule, check_widgets
 
 NODE_ID = "GuidanceCLIPVisionClassifier"
 DISPLAY_NAME = "CLIP Vision Zero-Shot Classifier"
@@ -276,7 +276,7 @@ class CLIPVisionZeroShotClassifier(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values, class_prompts_rule)
+        return check_widgets(cls, values, Rule(("class_prompts",), class_prompts_rule))
 
     @classmethod
     def execute(cls, clip_vision, clip, class_prompts, logit_scale) -> io.NodeOutput:
@@ -285,4 +285,4 @@ class CLIPVisionZeroShotClassifier(io.ComfyNode):
             return io.NodeOutput(clip_vision_classifier(clip_vision, clip, prompts, logit_scale,
                                                         f"CLIP zero-shot classifier ({len(names)} classes)", names))
         except ValueError as e:
-            raise ValueError(f"{NODE_ID}: {e}.") from e
+            raise ValueError(f"{DISPLAY_NAME}: {e}.") from e

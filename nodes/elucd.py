@@ -71,4 +71,4 @@ class EluCDClassifierGuidance(io.ComfyNode):
                                                                 margin_temperature_discount))
             return io.NodeOutput(apply_elucd(model, targets, config, vae, chunk, mask))
         except ValueError as e:  # values that came through links, and a classifier that does not fit the model
-            raise ValueError(f"{NODE_ID}: {e}.") from e
+            raise ValueError(f"{DISPLAY_NAME}: {e}.") from e

@@ -73,13 +73,13 @@ class EluCDHook:
             return denoised
         schedule = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
         if schedule is None:
-            raise ValueError(f"{NODE_ID}: the sampler did not pass its schedule, which EluCD's guidance schedule "
+            raise ValueError(f"{DISPLAY_NAME}: the sampler did not pass its schedule, which EluCD's guidance schedule "
                              "follows; sample with KSampler, SamplerCustom or SamplerCustomAdvanced.")
         sigma = float(args["sigma"].max())
         try:
             step, sigma_next = step_position(schedule, sigma)
         except ValueError as e:
-            raise ValueError(f"{NODE_ID}: {e}.") from e
+            raise ValueError(f"{DISPLAY_NAME}: {e}.") from e
         rho, rho_next = variance_exploding(sigma, self.flow), variance_exploding(sigma_next, self.flow)
         state = run_state(args["model_options"], self, EluCDState)
         state.max_variance = max(state.max_variance, posterior_variance(rho, rho_next))
@@ -88,11 +88,11 @@ class EluCDHook:
             self.network.to(denoised.device)
         gradient, _ = self.classifier.log_prob_gradient(denoised, target, log_prob=self.log_prob)
         if not torch.isfinite(gradient).all():
-            raise ValueError(f"{NODE_ID}: the classifier's gradient is not finite at sigma {sigma:.4g}; check the "
+            raise ValueError(f"{DISPLAY_NAME}: the classifier's gradient is not finite at sigma {sigma:.4g}; check the "
                              "model's output (run it in float32, e.g. --force-fp32) and the classifier.")
         shift = denoised_shift(gradient, rho, rho_next, remaining_fraction(step, len(schedule) - 1),
                                state.max_variance, self.config.scale, self.config.gamma)
         guided = denoised + shift.to(denoised.dtype)
         if self.mask is None:
             return guided
-        return torch.lerp(denoised, guided, latent_weights(self.mask, guided, NODE_ID))
+        return torch.lerp(denoised, guided, latent_weights(self.mask, guided, DISPLAY_NAME))

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..guiders.frecas import FAMILY_DEFAULTS, check_plan, parse_int_list
 from .frecas_patch import DISPLAY_NAME, NODE_ID, FreCaSSettings, sample_frecas
-from .validation import check_widgets
+from .validation import Rule, check_widgets
 
 DEFAULTS = FAMILY_DEFAULTS["sdxl"]
 
@@ -91,7 +91,7 @@ class FreCaSSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values, plan_rule)
+        return check_widgets(cls, values, Rule(("steps", "stage_ends"), plan_rule))
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, scale_by, seed, steps, stage_ends, gamma, cfg,

@@ -6,7 +6,7 @@ from ..guiders.pag import PAGConfig
 from ..guiders.sigma_range import SIGMA_MAX, SIGMA_MIN
 from .pag_layers import AUTO, malformed_layer_names
 from .pag_patch import DISPLAY_NAME, NODE_ID, apply_pag
-from .validation import check_widgets, sigma_range_rule
+from .validation import SIGMA_RANGE_RULE, Rule, check_widgets
 
 
 def layer_names_rule(values: dict) -> str | None:
@@ -79,15 +79,15 @@ class PerturbedAttentionGuidance(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values, sigma_range_rule, layer_names_rule)
+        return check_widgets(cls, values, SIGMA_RANGE_RULE, Rule(("layers",), layer_names_rule))
 
     @classmethod
     def execute(cls, model, scale, adaptive_scale, layers, sigma_start, sigma_end, batched, mask=None) -> io.NodeOutput:
         try:
             config = PAGConfig(scale, adaptive_scale, sigma_start, sigma_end)
         except ValueError as e:  # values that came through links, which queue-time validation cannot see
-            raise ValueError(f"{NODE_ID}: {e}.") from e
+            raise ValueError(f"{DISPLAY_NAME}: {e}.") from e
         try:
             return io.NodeOutput(apply_pag(model, config, layers, batched, mask))
         except ValueError as e:
-            raise ValueError(f"{NODE_ID}: {e}.") from e
+            raise ValueError(f"{DISPLAY_NAME}: {e}.") from e

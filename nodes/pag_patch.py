@@ -66,7 +66,8 @@ class PerturbedChunk:
     def runs(self, cond_or_uncond: list[int], rows: int) -> list[tuple[slice, bool]]:
         """Consecutive row ranges with whether they are perturbed."""
         if rows % len(cond_or_uncond):
-            raise RuntimeError(f"{NODE_ID}: a batch of {rows} rows does not split into {len(cond_or_uncond)} chunks")
+            raise RuntimeError(f"{DISPLAY_NAME}: a batch of {rows} rows does not split into "
+                               f"{len(cond_or_uncond)} chunks")
         size = rows // len(cond_or_uncond)
         runs = []
         for i, chunk in enumerate(cond_or_uncond):
@@ -120,7 +121,7 @@ class PerturbedBlock:
 
     def __call__(self, args, extra):
         if "transformer_options" not in args:
-            raise RuntimeError(f"{NODE_ID}: this model's blocks do not pass transformer options to block patches, "
+            raise RuntimeError(f"{DISPLAY_NAME}: this model's blocks do not pass transformer options to block patches, "
                                "so PAG cannot reach their attention; choose another model family's layers.")
         marked = {**args, "transformer_options": {**args["transformer_options"], BLOCK_MARK: BlockCall()}}
         if self.replaced is not None:
@@ -262,4 +263,4 @@ class PAGHook:
         guided = pag_guided(args["denoised"], args["cond_denoised"], perturbed, scale)
         if self.mask is None:
             return guided
-        return torch.lerp(args["denoised"], guided, latent_weights(self.mask, guided, NODE_ID))
+        return torch.lerp(args["denoised"], guided, latent_weights(self.mask, guided, DISPLAY_NAME))

@@ -13,7 +13,7 @@ from .classifier_patch import DEFAULT_CHUNK
 from .reference import WEIGHTS_DIR
 from .ppap_patch import (DISPLAY_NAME, FOLDER, LOAD_DISPLAY_NAME, LOAD_NODE_ID, NODE_ID, TRAIN_DISPLAY_NAME,
                          TRAIN_NODE_ID, TransferSettings, apply_ppap, read_experts, train_ppap)
-from .validation import check_widgets, filename_rule, prefixed
+from .validation import FILENAME_RULE, Rule, check_widgets, prefixed
 
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 # Experts shipped for the embedded reference model and its classifier (bench/ppap_bench.py trains them), after the
@@ -107,7 +107,7 @@ class PPAPTrainExperts(io.ComfyNode):
             if steps is not None and experts is not None and steps < experts:
                 return f"train_steps ({steps}) is below experts ({experts}): every expert needs at least one step"
             return None
-        return check_widgets(cls, values, filename_rule, steps_rule)
+        return check_widgets(cls, values, FILENAME_RULE, Rule(("train_steps", "experts"), steps_rule))
 
     @classmethod
     def execute(cls, model, classifier, positive, negative, latent_image, experts, rank, alpha, train_steps,
@@ -125,7 +125,7 @@ class PPAPTrainExperts(io.ComfyNode):
             trained = train_ppap(model, classifier, positive, negative, latent_image["samples"], vae, transfer,
                                  config, work, lambda done, total: bar.update_absolute(done, total))
         except ValueError as e:
-            raise prefixed(TRAIN_NODE_ID, e) from e
+            raise prefixed(TRAIN_DISPLAY_NAME, e) from e
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{filename}.safetensors"
         trained.save(str(path))
@@ -158,12 +158,12 @@ class PPAPLoadExperts(io.ComfyNode):
     def execute(cls, classifier, experts) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, experts)
         if path is None:
-            raise ValueError(f"{LOAD_NODE_ID}: no expert file {experts!r} in models/{FOLDER}/; train experts with "
+            raise ValueError(f"{LOAD_DISPLAY_NAME}: no expert file {experts!r} in models/{FOLDER}/; train experts with "
                              f"{TRAIN_DISPLAY_NAME}.")
         try:
             return io.NodeOutput(read_experts(path, classifier))
         except ValueError as e:
-            raise prefixed(LOAD_NODE_ID, e) from e
+            raise prefixed(LOAD_DISPLAY_NAME, e) from e
 
 
 class PPAPClassifierGuidance(io.ComfyNode):
@@ -215,4 +215,4 @@ class PPAPClassifierGuidance(io.ComfyNode):
         try:
             return io.NodeOutput(apply_ppap(model, experts, targets, scale, chunk, mask, clip_denoised))
         except ValueError as e:
-            raise prefixed(NODE_ID, e) from e
+            raise prefixed(DISPLAY_NAME, e) from e

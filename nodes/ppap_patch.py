@@ -240,7 +240,7 @@ class PPAPHook:
         target = self.targets.for_batch(x.shape[0], DISPLAY_NAME, x.device)
         gradient, _ = classifier.log_prob_gradient(x.float(), target)
         if not torch.isfinite(gradient).all():
-            raise ValueError(f"{NODE_ID}: the expert's gradient is not finite at sigma {level:.4g}; check the "
+            raise ValueError(f"{DISPLAY_NAME}: the expert's gradient is not finite at sigma {level:.4g}; check the "
                              "model's output (run it in float32, e.g. --force-fp32).")
         flow = isinstance(model_sampling, comfy.model_sampling.CONST)
         clip = self.experts.input_map.clip(latent_format) if self.clip_denoised else None
@@ -248,7 +248,7 @@ class PPAPHook:
         guided = base + denoised_shift(gradient, level, flow, self.scale).to(denoised.dtype)
         if self.mask is None:
             return guided
-        return torch.lerp(denoised, guided, latent_weights(self.mask, guided, NODE_ID))
+        return torch.lerp(denoised, guided, latent_weights(self.mask, guided, DISPLAY_NAME))
 
 
 def apply_ppap(model, experts: PPAPExperts, targets: ClassifierTargets, scale: float, chunk: int = DEFAULT_CHUNK,

@@ -21,6 +21,7 @@ from .validation import check_widgets
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "reference" / "weights"
 DEFAULT_WEIGHTS = "fashion_diffusion.safetensors"
 ALL_CLASSES = "all classes"
+LOADER_DISPLAY_NAME = "Load Guidance Reference Model"
 ReferenceClasses = io.Custom("GUIDANCE_REFERENCE_CLASSES")
 
 
@@ -33,7 +34,7 @@ class ReferenceModelLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="GuidanceReferenceModelLoader",
-            display_name="Load Guidance Reference Model",
+            display_name=LOADER_DISPLAY_NAME,
             category="sampling/guidance/reference",
             description="Loads the pack's own small class-conditional diffusion model (Fashion-MNIST, 32x32 pixels, "
             "v-prediction; also samples at 64x64), for trying and measuring guidance methods without a download.",
@@ -56,17 +57,17 @@ class ReferenceModelLoader(io.ComfyNode):
     def execute(cls, weights) -> io.NodeOutput:
         path = WEIGHTS_DIR / weights
         if not path.is_file():
-            raise FileNotFoundError(f"GuidanceReferenceModelLoader: {path} does not exist; reinstall the pack or "
+            raise FileNotFoundError(f"{LOADER_DISPLAY_NAME}: {path} does not exist; reinstall the pack or "
                                     f"run reference/train.py to make it.")
         state_dict, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
         names = (metadata or {}).get("class_names", "").split(",")
         if names != CLASS_NAMES:
-            raise ValueError(f"GuidanceReferenceModelLoader: {weights} was trained on classes {names}, "
+            raise ValueError(f"{LOADER_DISPLAY_NAME}: {weights} was trained on classes {names}, "
                              f"expected {CLASS_NAMES}.")
         try:
             model, tokens = load_reference(state_dict, names)
         except ValueError as e:
-            raise ValueError(f"GuidanceReferenceModelLoader: {weights}: {e}") from e
+            raise ValueError(f"{LOADER_DISPLAY_NAME}: {weights}: {e}") from e
         vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
         return io.NodeOutput(model, vae, {"names": names, "tokens": tokens})
 
@@ -96,6 +97,10 @@ class ReferenceClassConditioning(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
+
+    @classmethod
     def execute(cls, classes, class_name, images_per_class) -> io.NodeOutput:
         indices = range(len(classes["names"])) if class_name == ALL_CLASSES else [classes["names"].index(class_name)]
         rows = [class_conditioning(classes["tokens"], i)[0][0] for i in indices for _ in range(images_per_class)]
@@ -121,6 +126,10 @@ class EmptyReferenceLatent(io.ComfyNode):
             outputs=[io.Latent.Output(tooltip="An empty batch of reference-model images (3-channel pixel space): "
                                       "connect it to a sampler's latent_image.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, width, height, batch_size) -> io.NodeOutput:

@@ -7,10 +7,12 @@ import comfy.model_management
 from comfy_api.latest import io
 
 from ..guiders.saliency import DEFAULT_RADIUS, DEFAULT_SIGMA, markers_from_points, parse_points, saliency_map
-from .validation import check_widgets
+from .validation import Rule, check_widgets
 
 POINTS_NODE_ID = "GuidanceSaliencyMarkersFromPoints"
 MAP_NODE_ID = "GuidanceSaliencyMap"
+POINTS_DISPLAY_NAME = "Saliency Markers From Points"
+MAP_DISPLAY_NAME = "Saliency Map From Markers"
 # A MASK pixel counts as a marker above this value (masks drawn in the editor are 0 or 1, resized ones in between).
 MARKER_LEVEL = 0.5
 
@@ -32,7 +34,7 @@ class SaliencyMarkersFromPoints(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=POINTS_NODE_ID,
-            display_name="Saliency Markers From Points",
+            display_name=POINTS_DISPLAY_NAME,
             category="sampling/guidance/saliency",
             description="Marker pixels at the given points, as a MASK for Saliency Map From Markers.",
             inputs=[
@@ -47,14 +49,14 @@ class SaliencyMarkersFromPoints(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values, points_rule)
+        return check_widgets(cls, values, Rule(("points",), points_rule))
 
     @classmethod
     def execute(cls, points, width, height) -> io.NodeOutput:
         try:
             markers = markers_from_points(parse_points(points), height, width)
         except ValueError as e:
-            raise ValueError(f"{POINTS_NODE_ID}: {e}.") from e
+            raise ValueError(f"{POINTS_DISPLAY_NAME}: {e}.") from e
         return io.NodeOutput(markers.float().unsqueeze(0))
 
 
@@ -63,7 +65,7 @@ class SaliencyMapFromMarkers(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=MAP_NODE_ID,
-            display_name="Saliency Map From Markers",
+            display_name=MAP_DISPLAY_NAME,
             category="sampling/guidance/saliency",
             description="A saliency map from marker pixels, as SDL-Seg (Kazemimoghadam et al., 2021) makes it: "
             "distance to the nearest marker, turned into closeness (1 on a marker, 0 beyond the radius) and "
@@ -103,7 +105,7 @@ class SaliencyMapFromMarkers(io.ComfyNode):
         try:
             saliency = saliency_map(markers.to(device) > MARKER_LEVEL, radius * side, softness * side)
         except ValueError as e:
-            raise ValueError(f"{MAP_NODE_ID}: {e}.") from e
+            raise ValueError(f"{MAP_DISPLAY_NAME}: {e}.") from e
         saliency = torch.lerp(torch.full_like(saliency, background), torch.ones_like(saliency), saliency)
         saliency = saliency.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(saliency, saliency.unsqueeze(-1).expand(*saliency.shape, 3).contiguous())

@@ -137,13 +137,13 @@ def test_nan_prediction_stops_with_the_node_name(comfy):
         return [cond, torch.full_like(uncond, float("nan"))]
 
     poisoned.set_model_sampler_pre_cfg_function(poison)
-    with pytest.raises(ValueError, match="AdaptiveProjectedGuidance.*NaN"):
+    with pytest.raises(ValueError, match=r"Adaptive Projected Guidance \(APG\).*NaN"):
         slim_models.ksample(apg(comfy, poisoned), positive, negative, latent, cfg=6.0, steps=2)
 
 
 def test_bad_sigma_range_is_refused_with_the_fix(comfy):
     model = slim_models.build_model("sd15")
-    with pytest.raises(ValueError, match="AdaptiveProjectedGuidance.*sigma_start"):
+    with pytest.raises(ValueError, match=r"Adaptive Projected Guidance \(APG\).*sigma_start"):
         apg(comfy, model, sigma_start=1.0, sigma_end=2.0)
 
 
@@ -225,5 +225,5 @@ def test_node_without_the_new_inputs_is_absolute_and_clip(comfy):
 def test_unknown_mode_is_refused_with_the_node_name(comfy, field, value, allowed):
     """A value that arrives through a link (not checked when queued) stops the node, naming it and the choices."""
     model = slim_models.build_model("sd15")
-    with pytest.raises(ValueError, match=f"AdaptiveProjectedGuidance.*{field} must be one of {allowed}"):
+    with pytest.raises(ValueError, match=rf"Adaptive Projected Guidance \(APG\).*{field} must be one of {allowed}"):
         apg(comfy, model, **{field: value})

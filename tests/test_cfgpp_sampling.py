@@ -267,7 +267,7 @@ def test_editing_samples_back_with_another_prompt(comfy):
 def test_cfg_other_than_one_is_refused_with_the_fix(comfy):
     model, positive, negative, latent = setup("sd15", "eps", batch=1)
     sampler = run(comfy, SAMPLER, "ddim", 0.6)
-    with pytest.raises(ValueError, match="CFGppSampler: the guider's cfg is 7.*Set cfg to 1.0"):
+    with pytest.raises(ValueError, match="CFG\\+\\+ Sampler: the guider's cfg is 7.*Set cfg to 1.0"):
         slim_models.sample_custom_advanced(model, positive, negative, latent, cfg=7.0, steps=2, sampler=sampler)
 
 
@@ -275,7 +275,7 @@ def test_guider_without_negative_is_refused(comfy):
     model, positive, _, latent = setup("sd15", "eps", batch=1)
     guider = comfy.NODE_CLASS_MAPPINGS["BasicGuider"].execute(model, positive).result[0]
     sampler = run(comfy, SAMPLER, "dpmpp_2m", 0.6)
-    with pytest.raises(ValueError, match="CFGppSampler: .*negative"):
+    with pytest.raises(ValueError, match="CFG\\+\\+ Sampler: .*negative"):
         slim_models.sample_custom_advanced(model, positive, None, latent, cfg=1.0, steps=2, sampler=sampler,
                                            guider=guider)
 
@@ -284,16 +284,16 @@ def test_bad_inversion_inputs_are_refused(comfy):
     model, positive, negative, latent = setup("sd15", "eps", batch=1)
     sigmas = sigmas_of(comfy, model, 4)
     image = {"samples": torch.randn_like(latent["samples"])}
-    with pytest.raises(ValueError, match="CFGppDDIMInversion: .*end at sigma 0"):
+    with pytest.raises(ValueError, match="CFG\\+\\+ DDIM Inversion: .*end at sigma 0"):
         run(comfy, INVERSION, model, positive, negative, image, sigmas[:-1], 0.6)
-    with pytest.raises(ValueError, match="CFGppDDIMInversion: .*decrease"):
+    with pytest.raises(ValueError, match="CFG\\+\\+ DDIM Inversion: .*decrease"):
         run(comfy, INVERSION, model, positive, negative, image, sigmas.flip(0), 0.6)
-    with pytest.raises(ValueError, match="CFGppDDIMInversion: .*noise mask"):
+    with pytest.raises(ValueError, match="CFG\\+\\+ DDIM Inversion: .*noise mask"):
         run(comfy, INVERSION, model, positive, negative, {**image, "noise_mask": torch.ones(1, 4, 4)}, sigmas, 0.6)
-    with pytest.raises(ValueError, match="CFGppDDIMInversion: lambda"):
+    with pytest.raises(ValueError, match="CFG\\+\\+ DDIM Inversion: lambda"):
         run(comfy, INVERSION, model, positive, negative, image, sigmas, 1.5)
     inverted = {**image, "cfgpp_inverted_sigma": float(sigmas[0])}
-    with pytest.raises(ValueError, match="CFGppDDIMSampleFromInversion: the latent was inverted to sigma"):
+    with pytest.raises(ValueError, match="CFG\\+\\+ DDIM Sample From Inversion: the latent was inverted to sigma"):
         run(comfy, SAMPLE_BACK, model, positive, negative, inverted, sigmas_of(comfy, model, 4, "karras")[1:], 0.6)
-    with pytest.raises(ValueError, match="CFGppSampler: unknown sampler"):
+    with pytest.raises(ValueError, match="CFG\\+\\+ Sampler: unknown sampler"):
         run(comfy, SAMPLER, "heun", 0.6)

@@ -203,21 +203,21 @@ def test_unprojected_text_encoder_is_refused(clip_vision):
     """SD1.x's CLIP gives its pooled output without CLIP's text projection (SD1.x checkpoints lack it): refused,
     although its width matches the vision projection's."""
     sd1_clip = slim_clip(comfy.supported_models.SD15, clip_l=TEXT)
-    with pytest.raises(ValueError, match=f"{NODE_ID}: .*without CLIP's text projection.*SD1.x.*clip_vision_h"):
+    with pytest.raises(ValueError, match=f"{DISPLAY_NAME}: .*without CLIP's text projection.*SD1.x.*clip_vision_h"):
         build(clip_vision, sd1_clip)
 
 
 def test_mismatched_embedding_widths_are_refused(clip_vision):
     """SDXL's CLIP (pooled output: CLIP-G's, projected, here 64 wide) with a vision model projecting to 48."""
     sdxl_clip = slim_clip(comfy.supported_models.SDXL, clip_l=TEXT, clip_g=dict(TEXT, hidden_size=64))
-    with pytest.raises(ValueError, match=f"{NODE_ID}: the text encoder's embeddings have 64 dimensions and the CLIP "
-                       f"vision model's {WIDTH}.*clip_vision_g"):
+    with pytest.raises(ValueError, match=f"{DISPLAY_NAME}: the text encoder's embeddings have 64 dimensions and the "
+                                         f"CLIP vision model's {WIDTH}.*clip_vision_g"):
         build(clip_vision, sdxl_clip)
 
 
 def test_vision_model_without_projection_is_refused(tmp_path_factory, sd2_clip):
     siglip = {k: v for k, v in VISION.items() if k != "projection_dim"} | {"model_type": "siglip_vision_model"}
-    with pytest.raises(ValueError, match=f"{NODE_ID}: the CLIP vision model .* without CLIP's image projection"):
+    with pytest.raises(ValueError, match=f"{DISPLAY_NAME}: the CLIP vision model .* without CLIP's image projection"):
         build(slim_clip_vision(tmp_path_factory, siglip), sd2_clip)
 
 
@@ -229,13 +229,13 @@ def test_vision_model_without_projection_is_refused(tmp_path_factory, sd2_clip):
     ("a cat, sitting", "has a comma"), ("7: a seven", "is a number"),
 ])
 def test_bad_class_prompts_are_refused(clip_vision, sd2_clip, text, problem):
-    with pytest.raises(ValueError, match=f"{NODE_ID}: .*{problem}"):
+    with pytest.raises(ValueError, match=f"{DISPLAY_NAME}: .*{problem}"):
         build(clip_vision, sd2_clip, prompts=text)
 
 
 @pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_logit_scale_is_refused(clip_vision, sd2_clip, scale):
-    with pytest.raises(ValueError, match=f"{NODE_ID}: logit_scale is {scale}: give a positive finite number"):
+    with pytest.raises(ValueError, match=f"{DISPLAY_NAME}: logit_scale is {scale}: give a positive finite number"):
         build(clip_vision, sd2_clip, logit_scale=scale)
 
 

@@ -189,7 +189,7 @@ def test_refusals_name_the_node_and_the_fix(comfy):
     broken = latent_classifier(4)
     broken.network[0].weight[0, 0, 0, 0] = float("nan")
     nan = apply_elucd(model, ClassifierTargets(broken, (0,)), EluCDConfig())
-    with pytest.raises(ValueError, match=f"{NODE_ID}: the classifier's gradient is not finite"):
+    with pytest.raises(ValueError, match=f"{DISPLAY_NAME}: the classifier's gradient is not finite"):
         slim_models.ksample(nan, positive, negative, latent, cfg=3.0, steps=2)
 
 

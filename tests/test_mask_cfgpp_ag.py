@@ -219,7 +219,7 @@ def test_cfgpp_images_of_a_batch_take_their_own_masks(comfy):
 
 def test_cfgpp_mask_batch_that_fits_neither_is_refused(comfy):
     model, positive, negative, latent = cfgpp_setup("sd15", "eps")
-    with pytest.raises(ValueError, match="CFGppSampler: the mask has 3 images for a batch of 2"):
+    with pytest.raises(ValueError, match="CFG\\+\\+ Sampler: mask has 3 images for a latent batch of 2: give 1"):
         cfgpp(comfy, model, positive, negative, latent, "ddim", mask=torch.ones(3, SIZE, SIZE))
 
 
@@ -310,7 +310,8 @@ def test_ag_per_image_masks_resized_by_area(comfy, family, prediction):
 
 def test_ag_mask_batch_that_fits_neither_is_refused(comfy):
     model, positive, negative, latent = ag_setup()
-    with pytest.raises(ValueError, match=r"Adaptive Guidance \(AG\): the mask has 3 images for a batch of 2"):
+    with pytest.raises(ValueError, match=r"Adaptive Guidance \(AG\): mask has 3 images for a latent batch of 2: "
+                                         "give 1"):
         slim_models.ksample(ag_masked(comfy, model, 0.991, torch.ones(3, SIZE, SIZE)), positive, negative, latent,
                             cfg=CFG, steps=2)
 

@@ -129,7 +129,7 @@ def test_apg_mask_zero_hands_cfg_the_conditional_prediction(comfy):
 def test_a_mask_batch_that_fits_nothing_is_refused(comfy, method):
     apply, _ = METHODS[method]
     model, positive, negative, latent = setup("sd15", "eps", batch=2)
-    with pytest.raises(ValueError, match="the mask has 3 images for a batch of 2"):
+    with pytest.raises(ValueError, match="mask has 3 images for a latent batch of 2: give 1"):
         run(apply(comfy, model, torch.ones(3, 32, 32)), positive, negative, latent, steps=1)
 
 
@@ -159,5 +159,5 @@ def test_saliency_nodes_make_a_map_from_points(comfy):
     assert torch.allclose(floored, 0.3 + 0.7 * smap) and float(floored.min()) == pytest.approx(0.3)
     assert "Saliency Markers From Points: points: marker 70,10 lies outside the 64x56 image" in points.validate_inputs(
         points="70,10", width=64, height=56)
-    with pytest.raises(ValueError, match="GuidanceSaliencyMap: image 0 of the batch has no marker"):
+    with pytest.raises(ValueError, match="Saliency Map From Markers: image 0 of the batch has no marker"):
         saliency.execute(torch.zeros(1, 8, 8), 0.25, 0.05)

@@ -65,4 +65,4 @@ def test_unknown_layer_fails_naming_the_models_layers(comfy_server):
     [error] = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
     assert error["node_id"] == pag_id
     message = error["exception_message"]
-    assert PAG in message and "output.30" in message and "middle.0.0" in message and "input.1.0" in message
+    assert message.startswith("Perturbed-Attention Guidance (PAG): ") and "output.30" in message and "middle.0.0" in message and "input.1.0" in message

@@ -627,7 +627,7 @@ def test_failures_are_reported_by_name(comfy):
     model, positive, negative, latent, classifier, experts = slim_case()
     broken = PPAPExperts(classifier, [{**s, "0.lora_B": torch.full_like(s["0.lora_B"], math.nan)}
                                       for s in experts.states], RANK, ALPHA, InputMap("latent"), experts.info)
-    with pytest.raises(ValueError, match=f"^{NODE_ID}: the expert's gradient is not finite at sigma"):
+    with pytest.raises(ValueError, match=f"^{DISPLAY_NAME}: the expert's gradient is not finite at sigma"):
         sample(apply_ppap(model, broken, ClassifierTargets(classifier, (1,)), 0.5), positive, negative, latent)
     wan, positive, negative, video = setup("wan21", batch=1)
     video_classifier = latent_classifier(16)
@@ -1011,7 +1011,7 @@ def test_train_load_and_guide_through_the_nodes(comfy, expert_folder):
         [patched] = run_node(comfy, NODE_ID, model=model, experts=loaded, targets=targets, scale=7.5)
         guided, plain = (sample(m, positive, negative, latent, steps=2) for m in (patched, model))
     assert torch.isfinite(guided).all() and rel_err(guided, plain) > 1e-4
-    with pytest.raises(ValueError, match=f"^{LOAD_NODE_ID}: no expert file 'missing.safetensors'"):
+    with pytest.raises(ValueError, match=f"^{LOAD_DISPLAY_NAME}: no expert file 'missing.safetensors'"):
         run_node(comfy, LOAD_NODE_ID, classifier=classifier, experts="missing.safetensors")
 
 

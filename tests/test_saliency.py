@@ -75,5 +75,5 @@ def test_latent_weights_resize_and_broadcast():
     assert saliency.latent_weights(masks[:1], video, "node").shape == (1, 1, 1, 8, 6)
     per_frame = saliency.latent_weights(torch.rand(6, 64, 48), video, "node")
     assert per_frame.shape == (2, 1, 3, 8, 6)
-    with pytest.raises(ValueError, match="node: the mask has 3 images for a batch of 2"):
+    with pytest.raises(ValueError, match="node: mask has 3 images for a latent batch of 2: give 1"):
         saliency.latent_weights(torch.rand(3, 64, 48), image, "node")
