@@ -6,8 +6,8 @@
 # With neither option it runs the matrix that CI runs, one cell after another:
 #   ComfyUI 0.3.75 with its own frontend (1.32.9)   the whole suite
 #   ComfyUI 0.33.0 with its own frontend (1.49.6)   the whole suite
-#   ComfyUI 0.33.0 with frontend 1.58.1             tests/test_frontend_browser.py
-#   ComfyUI 0.3.75 with frontend 1.58.1             tests/test_frontend_browser.py
+#   ComfyUI 0.33.0 with frontend 1.58.1             the browser tests (test_frontend_browser, test_help_pages_browser)
+#   ComfyUI 0.3.75 with frontend 1.58.1             the browser tests
 # A cell whose ComfyUI source archive is absent (0.33.0 is built from ../shared/hosts; see setup_host.sh) is reported
 # as not run, and the others still run. Each cell's result is printed at the end, then the totals in pytest's words
 # on the last line; the exit status is non-zero if any cell failed.
@@ -32,7 +32,8 @@ while [ $# -gt 0 ]; do
 done
 
 NO_SOURCE=3  # setup_host.sh's exit status for an absent ComfyUI source archive
-BROWSER_TESTS=tests/test_frontend_browser.py
+BROWSER_TESTS=(tests/test_frontend_browser.py tests/test_help_pages_browser.py)
+BROWSER_SCOPE="the browser tests"
 
 # Builds the host of one cell and sets VENV, COMFYUI, FRONTEND and FRONTEND_ROOT; returns setup_host.sh's status.
 setup_cell() {
@@ -60,8 +61,8 @@ fi
 CELLS=(  # ComfyUI version | frontend version (empty: the host's own) | what runs
   "0.3.75||whole suite"
   "0.33.0||whole suite"
-  "0.33.0|1.58.1|$BROWSER_TESTS"
-  "0.3.75|1.58.1|$BROWSER_TESTS"
+  "0.33.0|1.58.1|$BROWSER_SCOPE"
+  "0.3.75|1.58.1|$BROWSER_SCOPE"
 )
 # The pytest arguments that name tests (paths, with or without ::node ids) and the others: a browser cell runs its
 # file with the others, and only if no paths were given or they include it.
@@ -81,12 +82,15 @@ for cell in "${CELLS[@]}"; do
   IFS='|' read -r comfyui frontend scope <<<"$cell"
   title="ComfyUI $comfyui + frontend ${frontend:-(its own)}, $scope"
   targets=()
-  if [ "$scope" = "$BROWSER_TESTS" ]; then
-    if [ ${#TEST_PATHS[@]} -gt 0 ] && ! printf '%s\n' "${TEST_PATHS[@]}" | grep -q "^$BROWSER_TESTS"; then
-      RESULTS+=("NOT RUN  $title: the test paths given do not include it")
+  if [ "$scope" = "$BROWSER_SCOPE" ]; then
+    targets=("${OPTIONS[@]}")
+    for file in "${BROWSER_TESTS[@]}"; do  # the browser files that the given paths name, or all of them
+      if [ ${#TEST_PATHS[@]} = 0 ] || printf '%s\n' "${TEST_PATHS[@]}" | grep -q "^$file"; then targets+=("$file"); fi
+    done
+    if [ ${#targets[@]} = ${#OPTIONS[@]} ]; then
+      RESULTS+=("NOT RUN  $title: the test paths given do not include them")
       continue
     fi
-    targets=("${OPTIONS[@]}" "$BROWSER_TESTS")
   else
     targets=("${PYTEST_ARGS[@]}")
   fi
