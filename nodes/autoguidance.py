@@ -3,6 +3,7 @@
 from comfy_api.latest import io
 
 from .autoguidance_patch import DISPLAY_NAME, NODE_ID, apply_autoguidance
+from .validation import prefixed
 
 
 class Autoguidance(io.ComfyNode):
@@ -35,4 +36,4 @@ class Autoguidance(io.ComfyNode):
         try:
             return io.NodeOutput(apply_autoguidance(model, weak_model))
         except ValueError as e:
-            raise ValueError(f"{NODE_ID}: {e}.") from e
+            raise prefixed(DISPLAY_NAME, e) from e

@@ -72,7 +72,7 @@ def weak_patcher(model):
     patcher = getattr(model, "current_patcher", None)
     weak = patcher.get_additional_models_with_key(WEAK_MODEL_KEY) if patcher is not None else []
     if not weak:
-        raise ValueError(f"{NODE_ID}: the sampler did not load the weak model; sample with KSampler, "
+        raise ValueError(f"{DISPLAY_NAME}: the sampler did not load the weak model; sample with KSampler, "
                          "SamplerCustom or SamplerCustomAdvanced")
     weak = weak[0]
     if weak.model.current_patcher is not weak:

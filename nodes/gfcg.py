@@ -9,15 +9,19 @@ from .classifier_patch import DEFAULT_CHUNK
 from .gfcg_patch import (CLASS_PLACEHOLDER, DEFAULT_CLASS_PROMPT, DISPLAY_NAME, NODE_ID, apply_gfcg,
                          prompt_class_conditioning, reference_class_conditioning)
 from .reference import ReferenceClasses
-from .validation import check_widgets, sigma_range_rule
+from .validation import SIGMA_RANGE_RULE, Rule, check_widgets, prefixed
 
 
-def class_prompt_rule(values: dict) -> str | None:
+def class_prompt_problem(values: dict) -> str | None:
+    """`class_prompt` has the placeholder where the class name goes."""
     prompt = values.get("class_prompt")
     if prompt is not None and CLASS_PLACEHOLDER not in prompt:
         return (f"class_prompt {prompt!r} has no {CLASS_PLACEHOLDER}: write where the class name goes, e.g. "
                 f"{DEFAULT_CLASS_PROMPT!r}")
     return None
+
+
+CLASS_PROMPT_RULE = Rule(("class_prompt",), class_prompt_problem)
 
 
 class GradientFreeClassifierGuidance(io.ComfyNode):
@@ -84,7 +88,7 @@ class GradientFreeClassifierGuidance(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values, sigma_range_rule, class_prompt_rule)
+        return check_widgets(cls, values, SIGMA_RANGE_RULE, CLASS_PROMPT_RULE)
 
     @classmethod
     def execute(cls, model, targets, scale, scale_rule, reference_rule, sigma_start, sigma_end, classes=None,
@@ -99,5 +103,5 @@ class GradientFreeClassifierGuidance(io.ComfyNode):
             conditioning = (reference_class_conditioning(classes) if classes is not None
                             else prompt_class_conditioning(clip, names, class_prompt))
             return io.NodeOutput(apply_gfcg(model, targets, conditioning, config, vae, chunk, mask))
-        except ValueError as e:
-            raise ValueError(f"{NODE_ID}: {e}.") from e
+        except ValueError as e:  # values that came through links, and class conditioning that does not fit
+            raise prefixed(DISPLAY_NAME, e) from e

@@ -171,7 +171,7 @@ class GFCGHook:
             self.targets.classifier.network.to(cond.device)
         probabilities = self.classifier.probabilities(cond)
         if not torch.isfinite(probabilities).all():
-            raise ValueError(f"{NODE_ID}: the classifier's probabilities are not finite; check the model's output "
+            raise ValueError(f"{DISPLAY_NAME}: the classifier's probabilities are not finite; check the model's output "
                              "(run it in float32, e.g. --force-fp32) and the classifier.")
         return probabilities
 
@@ -188,7 +188,7 @@ class GFCGHook:
         if not self.config.acts_at(float(sigma.max())):
             return self.plain_calc_cond_batch(args)
         state = run_state(model_options, self, ReferencePrediction)
-        target = self.targets.for_batch(x.shape[0], NODE_ID, x.device)
+        target = self.targets.for_batch(x.shape[0], DISPLAY_NAME, x.device)
         if self.autoguidance is not None:
             return self.with_autoguidance(args, state, target)
         earlier = state.probabilities
@@ -233,7 +233,7 @@ class GFCGHook:
         made = state.take(args["input"])
         if made is None:  # a guider that bypassed the calc-cond-batch hook: read and call here
             cond_denoised = args["cond_denoised"]
-            target = self.targets.for_batch(cond_denoised.shape[0], NODE_ID, cond_denoised.device)
+            target = self.targets.for_batch(cond_denoised.shape[0], DISPLAY_NAME, cond_denoised.device)
             probabilities = self.probabilities(cond_denoised)
             reference = self.reference(probabilities, target, state)
             made = (self.separate_pass(args, args["cond"], reference),
@@ -242,4 +242,4 @@ class GFCGHook:
         guided = gfcg_guided(denoised, args["cond_denoised"], prediction, scale)
         if self.mask is None:
             return guided
-        return torch.lerp(denoised, guided, latent_weights(self.mask, guided, NODE_ID))
+        return torch.lerp(denoised, guided, latent_weights(self.mask, guided, DISPLAY_NAME))

@@ -5,6 +5,7 @@ patch; the reference rows ride in the conditional call; both models of ATG are l
 masks, batches with their own classes, SamplerCustomAdvanced, 5-D latents; and the refusals, each naming the node."""
 
 import functools
+import re
 
 import comfy.model_management as model_management
 import comfy.model_patcher as model_patcher
@@ -13,9 +14,9 @@ import torch
 
 import slim_models
 from comfyui_guidance.guiders.gfcg import CONSTANT, RANDOM, GFCGConfig, guidance_scale, reference_classes
-from comfyui_guidance.nodes.autoguidance_patch import apply_autoguidance
+from comfyui_guidance.nodes.autoguidance_patch import DISPLAY_NAME as ATG_NAME, apply_autoguidance
 from comfyui_guidance.nodes.classifier_patch import ClassifierTargets
-from comfyui_guidance.nodes.gfcg_patch import ClassConditioning, apply_gfcg
+from comfyui_guidance.nodes.gfcg_patch import DISPLAY_NAME as GFCG_NAME, ClassConditioning, apply_gfcg
 from comfyui_guidance.reference.model import build_base_model
 from test_elucd_sampling import CLASSES, latent_classifier
 from test_pag_sampling import one_torch_thread, rel_err, setup, slim_model  # noqa: F401 (autouse fixture)
@@ -323,12 +324,12 @@ def test_autoguidance_on_5d_latents(comfy):
 def test_autoguidance_refuses_another_family_naming_the_node(comfy):
     node = comfy.NODE_CLASS_MAPPINGS["GuidanceAutoguidance"]
     model = slim_model("sd15")
-    with pytest.raises(ValueError, match="GuidanceAutoguidance: the weak model's model family is SDXL"):
+    with pytest.raises(ValueError, match=re.escape(ATG_NAME) + ": the weak model's model family is SDXL"):
         node.execute(model, slim_model("sdxl"))
     pixel_space = model_patcher.ModelPatcher(build_base_model(), torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(ValueError, match="GuidanceAutoguidance: the weak model's latent format is PixelSpace"):
+    with pytest.raises(ValueError, match=re.escape(ATG_NAME) + ": the weak model's latent format is PixelSpace"):
         node.execute(model, pixel_space)
-    with pytest.raises(ValueError, match="GuidanceAutoguidance: the weak model is the model itself"):
+    with pytest.raises(ValueError, match=re.escape(ATG_NAME) + ": the weak model is the model itself"):
         node.execute(model, model)
 
 
@@ -349,17 +350,18 @@ def test_gfcg_node_refusals_name_the_node(comfy):
     defaults = {"scale": SCALE, "scale_rule": "adaptive", "reference_rule": "most likely competitor",
                 "sigma_start": 10000.0, "sigma_end": 0.0}
     model = slim_model("sd15")
-    with pytest.raises(ValueError, match="GuidanceGFCG: connect the class conditioning"):
+    with pytest.raises(ValueError, match=re.escape(GFCG_NAME) + ": connect the class conditioning"):
         node.execute(model, targets(), **defaults)
     other = {"names": ["a", "b", "c", "d", "e"], "tokens": torch.zeros(6, 4, 768)}
-    with pytest.raises(ValueError, match="GuidanceGFCG: the class conditioning has classes a, b"):
+    with pytest.raises(ValueError, match=re.escape(GFCG_NAME) + ": the class conditioning has classes a, b"):
         node.execute(model, targets(), classes=other, **defaults)
     three = ClassifierTargets(latent_classifier(4), (0, 1, 2))
     patched = node.execute(model, three, classes={"names": [f"class {k}" for k in range(CLASSES)],
                                                   "tokens": torch.cat([class_rows()[0], class_rows()[0][:1]])},
                            **defaults).result[0]
     model_, positive, negative, latent = run_setup()
-    with pytest.raises(ValueError, match="GuidanceGFCG: Classifier Target Classes gives 3 targets for a batch of 2"):
+    with pytest.raises(ValueError,
+                       match=re.escape(GFCG_NAME) + ": Classifier Target Classes gives 3 targets for a batch of 2"):
         slim_models.ksample(patched, positive, negative, latent, cfg=CFG, steps=1)
 
 
