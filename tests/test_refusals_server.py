@@ -16,7 +16,8 @@ import math
 import pytest
 from comfy_api.latest import io
 
-from test_validation import APG, APG_INPUTS, ELUCD, ELUCD_INPUTS, GOOD_TARGETS, PAG, PAG_INPUTS, reference_prompt
+from test_validation import (APG, APG_INPUTS, ELUCD, ELUCD_INPUTS, GFCG, GFCG_INPUTS, GOOD_TARGETS, PAG, PAG_INPUTS,
+                             reference_prompt)
 
 NAN, INF = math.nan, math.inf
 MASK_IMAGES, LATENT_BATCH = 3, 10  # the reference prompt's latent: one image per class, ten classes
@@ -44,6 +45,20 @@ def upstream_of_apg(key):
 def with_classifier(key):
     """The reference EluCD prompt: reference classifier (8) → Classifier Target Classes (9) → EluCD (4)."""
     return reference_prompt(ELUCD, ELUCD_INPUTS, GOOD_TARGETS), key
+
+
+def gfcg():
+    """Reference model and classifier, Classifier Target Classes (9) → GFCG (4, the reference model's classes) →
+    KSampler → VAE Decode → Save Image."""
+    return reference_prompt(GFCG, GFCG_INPUTS, GOOD_TARGETS), "4"
+
+
+def autoguidance():
+    """Reference model and its weak checkpoint (11) → Autoguidance (4) → KSampler → VAE Decode → Save Image."""
+    prompt = reference_prompt("GuidanceAutoguidance", {"weak_model": ["11", 0]})
+    prompt["11"] = {"class_type": "GuidanceReferenceModelLoader",
+                    "inputs": {"weights": "fashion_weak_diffusion.safetensors"}}
+    return prompt, "4"
 
 
 def clip_classifier():
@@ -162,6 +177,8 @@ PROMPTS = {
         classifier=True),
     "GuidancePPAPLoadExperts": lambda: ppap("10"),
     "GuidancePPAP": lambda: ppap("4"),
+    "GuidanceGFCG": gfcg,
+    "GuidanceAutoguidance": autoguidance,
 }
 
 
@@ -297,3 +314,18 @@ def test_a_mask_that_fits_no_batch_names_the_node_and_the_sizes_that_fit(comfy_s
     assert (f"{schema.display_name}: mask has {MASK_IMAGES} images for a latent batch of {LATENT_BATCH}: give 1 (for "
             f"every image) or {LATENT_BATCH} (one per image)") in message, message
     assert_a_good_prompt_runs(comfy_server, seed=MASKED.index(node_id) + 200)
+
+
+def test_a_gfcg_class_prompt_without_the_placeholder_is_refused_under_it(comfy_server):
+    """GFCG's own rule on a text widget (which the schema-derived bad values leave out): a class prompt with no {} is
+    refused at /prompt under class_prompt only, naming the node as the user sees it."""
+    prompt, key = gfcg()
+    prompt[key]["inputs"]["class_prompt"] = "a photo"
+    status, body = refusal(comfy_server, prompt)
+    assert status == 400, f"accepted ({status})"
+    assert set(body["node_errors"]) == {key}, body["node_errors"]
+    errors = body["node_errors"][key]["errors"]
+    assert errors and {e["extra_info"]["input_name"] for e in errors} == {"class_prompt"}, errors
+    name = schema_of("GuidanceGFCG").display_name
+    assert all(e["details"].startswith(f"class_prompt - {name}: class_prompt 'a photo' has no {{}}") for e in errors), \
+        errors
