@@ -10,7 +10,6 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 import zipfile
 
@@ -23,9 +22,14 @@ UNPUBLISHED = ("bench/", "tests/", ".ci/", "out/", "docs/")
 
 
 def comfy_cli() -> str:
-    """The `comfy` command of the test environment (beside its python), else on PATH."""
-    beside = pathlib.Path(sys.executable).with_name("comfy")
-    found = str(beside) if beside.is_file() else shutil.which("comfy")
+    """The `comfy` command of the environment that holds comfy-cli (the base venv, also for a host venv layered over
+    it), else on PATH."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("comfy_cli")
+    # <venv>/lib/pythonX.Y/site-packages/comfy_cli/__init__.py -> <venv>/bin/comfy
+    beside = pathlib.Path(spec.origin).parents[4] / "bin" / "comfy" if spec and spec.origin else None
+    found = str(beside) if beside and beside.is_file() else shutil.which("comfy")
     if not found:
         pytest.fail("comfy-cli is not installed: scripts/setup_host.sh installs it with the test tools", pytrace=False)
     return found
