@@ -66,18 +66,6 @@ def test_other_schedule_or_model_is_refused(comfy, fitted, patch_module):
     patch_module.check_model(fitted, model, patch_module.LINEAR_DISPLAY_NAME)
 
 
-class SigmaRecorder(Recorder):
-    """test_adaptive's Recorder (true predictions of every call, guided output), also keeping each call's sigma."""
-
-    def __init__(self):
-        super().__init__()
-        self.sigma = []
-
-    def pre(self, args):
-        self.sigma.append(args["sigma"].double().view(-1, *[1] * (args["input"].ndim - 1)))
-        return super().pre(args)
-
-
 @pytest.mark.parametrize("family,prediction", [("sd15", "eps"), ("sd15", "v"), ("flux", "flow")],
                          ids=["sd15-eps", "sd15-v", "flux-flow"])
 def test_estimate_matches_float64_reference(comfy, patch_module, family, prediction):
@@ -89,7 +77,7 @@ def test_estimate_matches_float64_reference(comfy, patch_module, family, predict
     model, positive, negative, latent = setup(family, prediction)
     fitted = patch_module.fit_linear_ag(model, positive, negative, latent["samples"], "euler", "normal", 8, CFG, 5,
                                         images=2, batch=2)
-    rec = SigmaRecorder()
+    rec = Recorder()  # keeps each call's sigma too
     slim_models.ksample(rec.around(model, lambda m: patch_module.apply_ag(m, AGConfig(1.0), fitted)), positive,
                         negative, latent, cfg=CFG, steps=8)
     assert len(rec.guided) == 8

@@ -22,8 +22,12 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 PAGES = sorted((REPO / HELP_PAGES).glob("*/en.md"))
 INFO_BUTTON = '[data-testid="info-button"]'
 # The frontend's own look-ups of other sites (1.49.6 asks huggingface.co about the start-up workflow's models), which
-# the page's content security policy blocks on this offline host: not the pack's.
-OFFLINE = "violates the following Content Security Policy directive"
+# the page's content security policy blocks on this offline host: not the pack's. Chromium words the block two ways.
+OFFLINE = ("violates the following Content Security Policy directive", "violates the document's Content Security Policy")
+# 1.49.6's check for missing model files can flag a loader node added bare to an empty graph, in its error overlay,
+# at some point after the node is added; it concerns the node's file widget, not its help page, and the shipped
+# workflows that use these loaders load clean in tests/test_frontend_browser.py on every frontend.
+MISSING_MODEL_CHECK = "is missing a required model file"
 
 # Adds one node of the type to an empty graph, its title bar at window pixel (900, 450), clear of the side bar and
 # the help panel an earlier test left open; answers where to click on the title.
@@ -75,5 +79,6 @@ def test_node_info_shows_the_help_page(frontend, page):  # noqa: F811
         for image in shown["images"]:
             assert image["src"].startswith(f"/extensions/{PACK}/docs/"), image
         problems = frontend.problems()
-        assert [problem for problem in problems if OFFLINE not in problem] == [], problems
+        assert [problem for problem in problems if not any(text in problem for text in OFFLINE)
+                and MISSING_MODEL_CHECK not in problem] == [], problems
         frontend.js("app.canvas.deselectAll(); app.graph.clear();")

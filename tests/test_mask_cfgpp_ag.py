@@ -19,7 +19,6 @@ import slim_models
 from cfgpp_reference import ddim_cfgpp_step, noise_prediction, paper_coefficients
 from test_adaptive import CFG, Recorder as AGRecorder, ag, mixed_threshold, one_torch_thread  # noqa: F401 (autouse)
 from test_adaptive import reference_ag
-from test_adaptive_linear import SigmaRecorder
 from test_cfgpp_sampling import LAMBDA, FrozenUncond, Recorder, rel_err, run, sigmas_of
 
 SAMPLER = "CFGppSampler"
@@ -355,7 +354,7 @@ def test_linear_ag_mask_weights_the_estimate(comfy, linear_node):
     model, positive, negative, latent = ag_setup()
     mask = torch.stack([half_mask()[0], random_mask(1, SIZE, SIZE, seed=6)[0]])
     weight = area_weights(mask, latent["samples"])
-    rec = SigmaRecorder()
+    rec = AGRecorder()
     slim_models.ksample(rec.around(model, lambda m: apply(m, 1.0, mask)), positive, negative, latent, cfg=CFG, steps=4)
     assert len(rec.guided) == 4
     no_switch = torch.zeros(2, dtype=torch.bool)

@@ -12,6 +12,7 @@ import torch
 import slim_models
 from apg_reference import paper_apg
 from comfyui_guidance.nodes import pag_layers
+from comfyui_guidance.nodes.run_state import RUN_STATE_KEY
 
 NODE = "GuidancePerturbedAttention"
 DEFAULTS = {"scale": 3.0, "adaptive_scale": 0.0, "layers": "auto", "sigma_start": 10000.0, "sigma_end": 0.0,
@@ -276,8 +277,9 @@ def test_masks_and_area_conds_keep_working(comfy):
 
 
 def test_patches_are_gone_after_the_run(comfy):
-    """The node adds two sampler hooks to a clone and nothing else: no attention patches stay on any model, and the
-    original model samples as before."""
+    """The node adds two sampler hooks to a clone and nothing else: no attention patches stay on any model, the
+    clone's reserved run-state store (nodes/run_state.py) is still empty after the run (each run fills a copy of its
+    own), and the original model samples as before."""
     model, positive, negative, latent = setup("flux", batch=1)
     before = slim_models.ksample(model, positive, negative, latent, cfg=3.0, steps=2)["samples"]
     patched = pag(comfy, model, layers="double.0-1, single.1")
@@ -285,7 +287,8 @@ def test_patches_are_gone_after_the_run(comfy):
     for m in (model, patched):
         options = m.model_options.get("transformer_options", {})
         assert "patches_replace" not in options and "optimized_attention_override" not in options
-        assert set(options) <= {"patches"} and not options.get("patches")
+        assert set(options) <= {"patches", RUN_STATE_KEY} and not options.get("patches")
+        assert options.get(RUN_STATE_KEY, {}) == {}
     assert "sampler_calc_cond_batch_function" not in model.model_options
     assert torch.equal(slim_models.ksample(model, positive, negative, latent, cfg=3.0, steps=2)["samples"], before)
 
